@@ -1,0 +1,42 @@
+# flexio: `make run` installs and generates with the default model; `make test` runs the test suite.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PROMPT ?= The capital of France is
+MODEL  ?= smollm2
+
+.PHONY: install run test test-all bench bench-kernels bench-io bench-peer clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(BIN)/python -m flexio generate --model '$(MODEL)' --prompt '$(PROMPT)' -n 64
+
+# The fast suite (what CI runs). FLEXIO_SLOW=1 adds the slow tests.
+test: install
+	$(BIN)/python -m pytest -q $(if $(FLEXIO_SLOW),,-m 'not slow')
+
+test-all: install
+	FLEXIO_SLOW=1 $(BIN)/python -m pytest -q
+
+bench: bench-kernels bench-io bench-peer
+
+bench-kernels: install
+	$(BIN)/python bench/kernels.py
+
+bench-io: install
+	$(BIN)/python -m flexio bench-io $$($(BIN)/python -m flexio fetch $(MODEL)) --json
+
+bench-peer: install
+	$(BIN)/python -m flexio bench-peer $(MODEL)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,102 @@
+"""`python -m flexio bench-peer MODEL` -> JSON: flexio vs llama.cpp prefill and decode tok/s on one GGUF file.
+
+Both engines get the same file, the same thread count, the same prompt tokens and
+greedy decoding, and run alternately (flexio, llama.cpp, flexio, ...) in one
+process so that a noisy shared machine affects both alike; medians are reported.
+llama.cpp's own perf counters time its side (prompt eval and eval), flexio's
+GenerationStats time ours. Without llama-cpp-python only flexio is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import sys
+
+from .fetch import DEFAULT_MODEL, model_path
+
+FILLER = (
+    "The history of computing is a story of machines that got smaller, faster and cheaper, "
+    "and of people who found new things to do with each generation of them. "
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="a .gguf path or a known model name")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prompt-tokens", type=int, default=128, help="prefill length (default: %(default)s)")
+    p.add_argument("-n", "--decode-tokens", type=int, default=64, help="tokens decoded per run (default: %(default)s)")
+    p.add_argument("--reps", type=int, default=3, help="alternating repetitions per engine (default: %(default)s)")
+    p.add_argument("--ctx", type=int, default=1024)
+
+
+def _llama_cpp_run(llm, llama_cpp, tokens: list[int], n: int) -> tuple[float, float]:
+    ctx = llm._ctx.ctx
+    llm.reset()
+    llama_cpp.llama_perf_context_reset(ctx)
+    llm.eval(tokens)
+    for _ in range(n - 1):
+        nxt = int(llm.scores[llm.n_tokens - 1].argmax())
+        llm.eval([nxt])
+    perf = llama_cpp.llama_perf_context(ctx)
+    prompt_tok_s = perf.n_p_eval / (perf.t_p_eval_ms / 1e3) if perf.t_p_eval_ms else 0.0
+    decode_tok_s = perf.n_eval / (perf.t_eval_ms / 1e3) if perf.t_eval_ms else 0.0
+    return prompt_tok_s, decode_tok_s
+
+
+async def _bench(args: argparse.Namespace) -> dict:
+    from .engine import Engine
+
+    path = model_path(args.model)
+    try:
+        import llama_cpp
+    except ImportError:
+        llama_cpp = None
+    async with Engine(path, threads=args.threads, n_ctx=args.ctx) as e:
+        ids = e.tokenizer.encode(FILLER * (args.prompt_tokens // 20 + 2))[: args.prompt_tokens]
+        # warm-up: JIT compile / cache load of every kernel this model uses, prefill and decode shapes
+        _ = [t async for t in e.generate_tokens(ids[:8], 2)]
+        llm = None
+        if llama_cpp is not None:
+            llm = llama_cpp.Llama(path, n_threads=args.threads, n_threads_batch=args.threads, n_ctx=args.ctx,
+                                  n_batch=512, logits_all=False, verbose=False)
+            _llama_cpp_run(llm, llama_cpp, ids[:8], 2)
+        ours_p, ours_d, peer_p, peer_d = [], [], [], []
+        for _ in range(args.reps):
+            _ = [t async for t in e.generate_tokens(ids, args.decode_tokens)]
+            ours_p.append(e.stats.prompt_tok_s)
+            ours_d.append(e.stats.decode_tok_s)
+            if llm is not None:
+                p, d = _llama_cpp_run(llm, llama_cpp, ids, args.decode_tokens)
+                peer_p.append(p)
+                peer_d.append(d)
+        med = statistics.median
+        result = {
+            "model": path,
+            "threads": args.threads,
+            "prompt_tokens": len(ids),
+            "decode_tokens": args.decode_tokens,
+            "reps": args.reps,
+            "machine": platform.processor() or platform.machine(),
+            "flexio": {"prefill_tok_s": round(med(ours_p), 2), "decode_tok_s": round(med(ours_d), 2),
+                       "decode_runs": [round(x, 2) for x in ours_d]},
+        }
+        if llm is not None:
+            result["llama_cpp"] = {"version": llama_cpp.__version__, "prefill_tok_s": round(med(peer_p), 2),
+                                   "decode_tok_s": round(med(peer_d), 2), "decode_runs": [round(x, 2) for x in peer_d]}
+            result["ratio"] = {"decode": round(med(ours_d) / med(peer_d), 3),
+                               "prefill": round(med(ours_p) / med(peer_p), 3)}
+            llm.close()
+        else:
+            result["llama_cpp"] = None
+            result["note"] = "llama-cpp-python is not installed (pip install -e .[peer]): no ratio"
+        return result
+
+
+def run(args: argparse.Namespace) -> int:
+    print(json.dumps(asyncio.run(_bench(args))))
+    sys.stdout.flush()
+    return 0

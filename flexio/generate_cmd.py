@@ -1,0 +1,79 @@
+"""`python -m flexio generate` -> streamed text on stdout and tok/s on stderr (or one JSON object)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+from .fetch import DEFAULT_MODEL
+from .sampling import SamplingParams
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL, help="a .gguf path or a known model name (default: %(default)s)")
+    p.add_argument("--prompt", "-p", default="The capital of France is", help="prompt text")
+    p.add_argument("-n", "--max-tokens", type=int, default=64, help="maximum new tokens (default: %(default)s)")
+    p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (sampling is reproducible when set)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
+    p.add_argument("--ctx", type=int, default=None, help="context length (default: min(train ctx, 4096))")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+
+
+async def _generate(args: argparse.Namespace) -> dict:
+    from .engine import Engine
+    from .tokenizer import StreamDecoder
+
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    async with Engine(args.model, threads=args.threads, n_ctx=args.ctx) as e:
+        prompt_ids = e.prompt_tokens(args.prompt, chat=args.chat)
+        tokens: list[int] = []
+        dec = StreamDecoder(e.tokenizer)
+        async for tok in e.generate_tokens(prompt_ids, args.max_tokens, sampling):
+            tokens.append(tok)
+            if not args.json:
+                sys.stdout.write(dec.push(tok))
+                sys.stdout.flush()
+        if not args.json:
+            sys.stdout.write(dec.flush())
+        st = e.stats
+        return {
+            "model": e.gguf.path,
+            "text": e.tokenizer.decode(tokens),
+            "tokens": tokens,
+            "prompt_tokens": len(prompt_ids),
+            "generated_tokens": len(tokens),
+            "stop_reason": st.stop_reason,
+            "prompt_tok_s": round(st.prompt_tok_s, 2),
+            "decode_tok_s": round(st.decode_tok_s, 2),
+            "threads": e.threads,
+            "mode": e.mode,
+        }
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.max_tokens < 0:
+        raise SystemExit("flexio generate: error: -n must be >= 0")
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        runner = asyncio.run
+    result = runner(_generate(args))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print()
+        print(
+            f"[{result['prompt_tokens']} prompt tokens at {result['prompt_tok_s']:.1f} tok/s, "
+            f"{result['generated_tokens']} generated at {result['decode_tok_s']:.1f} tok/s, "
+            f"stop: {result['stop_reason']}]",
+            file=sys.stderr,
+        )
+    return 0

@@ -1,0 +1,222 @@
+"""Token ids + per-layer weight views -> logits: the llama / qwen2 forward pass.
+
+The model owns no weight storage. Whoever runs it (the engine) hands it one
+layer's weights at a time as `LayerWeights` (views into resident memory or into
+prefetch buffers) and may recycle those buffers as soon as `layer()` returns.
+A weight may arrive split in row ranges (some rows resident, the rest streamed):
+`Weight.parts` lists them and each part's matmul writes its own output columns.
+
+Shapes: d = n_embd, kv = n_head_kv * head_dim, ff = n_ff, n = tokens in this call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from flexio_kernels import dequantize_rows, matmul
+from flexio_kernels import ops
+
+from .gguf import ModelConfig, TensorInfo
+
+F32, F16 = int(GGMLQuantizationType.F32), int(GGMLQuantizationType.F16)
+
+
+@dataclass
+class Weight:
+    """A (rows x k) weight matrix as row ranges of raw GGUF blocks."""
+
+    name: str
+    ggml_type: int
+    rows: int
+    k: int
+    parts: list[tuple[int, np.ndarray]]  # (first row, uint8 (rows_i, row_bytes)) covering rows 0..rows-1
+
+    def matmul(self, x: np.ndarray, out: np.ndarray) -> None:
+        """out (n, rows) = x (n, k) @ W^T."""
+        for row0, raw in self.parts:
+            matmul(raw, self.ggml_type, x, out, row0)
+
+
+def vector(t: TensorInfo, raw: np.ndarray) -> np.ndarray:
+    """An F32/F16 1-D tensor's bytes -> float32 (d,)."""
+    flat = raw.reshape(-1)
+    if t.ggml_type == F32:
+        return flat.view(np.float32)
+    return flat.view(np.float16).astype(np.float32)
+
+
+def weight(t: TensorInfo, parts: list[tuple[int, np.ndarray]]) -> Weight:
+    return Weight(t.name, t.ggml_type, t.n_rows, t.row_len, parts)
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: np.ndarray  # (d,)
+    wq: Weight  # (d, d)
+    wk: Weight  # (kv, d)
+    wv: Weight  # (kv, d)
+    wo: Weight  # (d, d)
+    ffn_norm: np.ndarray  # (d,)
+    wg: Weight  # (ff, d)
+    wu: Weight  # (ff, d)
+    wd: Weight  # (d, ff)
+    bq: np.ndarray | None = None  # (d,)   qwen2 only
+    bk: np.ndarray | None = None  # (kv,)
+    bv: np.ndarray | None = None  # (kv,)
+
+
+@dataclass
+class GlobalWeights:
+    token_embd: Weight  # (vocab, d)
+    output_norm: np.ndarray  # (d,)
+    output: Weight  # (vocab, d); token_embd again when tied
+
+
+LAYER_FIELDS = {
+    "attn_norm.weight": "attn_norm", "attn_q.weight": "wq", "attn_k.weight": "wk", "attn_v.weight": "wv",
+    "attn_output.weight": "wo", "ffn_norm.weight": "ffn_norm", "ffn_gate.weight": "wg",
+    "ffn_up.weight": "wu", "ffn_down.weight": "wd", "attn_q.bias": "bq", "attn_k.bias": "bk", "attn_v.bias": "bv",
+}
+
+
+def layer_weights(tensors: dict[str, tuple[TensorInfo, list[tuple[int, np.ndarray]]]]) -> LayerWeights:
+    """{role: (TensorInfo, parts)} for one layer -> LayerWeights (vectors viewed as float32)."""
+    kw = {}
+    for role, (t, parts) in tensors.items():
+        field = LAYER_FIELDS.get(role)
+        if field is None:
+            continue
+        if len(t.shape) == 1:
+            kw[field] = vector(t, parts[0][1])
+        else:
+            kw[field] = weight(t, parts)
+    return LayerWeights(**kw)
+
+
+class KVCache:
+    """Per-layer float16 keys and values, (n_ctx, kv) each, grown on demand."""
+
+    def __init__(self, cfg: ModelConfig, n_ctx: int):
+        self.cfg, self.n_ctx = cfg, n_ctx
+        self.capacity = 0
+        self.k: list[np.ndarray] = []
+        self.v: list[np.ndarray] = []
+        self.pos = 0  # tokens already in the cache
+
+    def reserve(self, n: int) -> None:
+        if n > self.n_ctx:
+            raise ValueError(f"context of {n} tokens exceeds n_ctx={self.n_ctx}")
+        if n <= self.capacity:
+            return
+        cap = min(self.n_ctx, max(n, 2 * self.capacity, 256))
+        shape = (cap, self.cfg.kv_dim)
+        for lst in (self.k, self.v):
+            for i in range(self.cfg.n_layer):
+                new = np.zeros(shape, dtype=np.float16)
+                if i < len(lst):
+                    new[: self.capacity] = lst[i][: self.capacity]
+                    lst[i] = new
+                else:
+                    lst.append(new)
+        self.capacity = cap
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
+
+
+class Scratch:
+    """Activation buffers for n tokens at once (reused across layers and tokens)."""
+
+    def __init__(self, cfg: ModelConfig, n: int, n_ctx: int):
+        d, kv, ff = cfg.n_embd, cfg.kv_dim, cfg.n_ff
+        f = np.float32
+        self.n = n
+        self.h = np.empty((n, d), f)
+        self.q = np.empty((n, d), f)
+        self.k = np.empty((n, kv), f)
+        self.v = np.empty((n, kv), f)
+        self.att = np.empty((n, d), f)
+        self.o = np.empty((n, d), f)
+        self.g = np.empty((n, ff), f)
+        self.u = np.empty((n, ff), f)
+        self.scores = np.empty((n * cfg.n_head, min(n_ctx, 256)), f)  # grown by scores_for()
+        self.n_ctx = n_ctx
+
+    def scores_for(self, t: int) -> np.ndarray:
+        """Attention-score scratch with at least t columns."""
+        if self.scores.shape[1] < t:
+            self.scores = np.empty((self.scores.shape[0], min(self.n_ctx, max(t, 2 * self.scores.shape[1]))), np.float32)
+        return self.scores
+
+
+class Model:
+    """The forward pass of one architecture config; stateless apart from scratch buffers."""
+
+    def __init__(self, cfg: ModelConfig, n_ctx: int):
+        self.cfg = cfg
+        self.n_ctx = n_ctx
+        self.cos, self.sin = ops.rope_tables(n_ctx, cfg.rope_dim, cfg.rope_base)
+        self._scratch: dict[int, Scratch] = {}
+
+    def scratch(self, n: int) -> Scratch:
+        s = self._scratch.get(n)
+        if s is None:
+            if n != 1:  # keep only the decode buffers and the latest prefill size
+                self._scratch = {k: v for k, v in self._scratch.items() if k == 1}
+            s = self._scratch[n] = Scratch(self.cfg, n, self.n_ctx)
+        return s
+
+    def embed(self, g: GlobalWeights, tokens: np.ndarray) -> np.ndarray:
+        """tokens (n,) int -> x (n, d) f32."""
+        ids = np.ascontiguousarray(tokens, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= g.token_embd.rows):
+            raise ValueError(f"token id out of range [0, {g.token_embd.rows})")
+        x = np.empty((ids.size, self.cfg.n_embd), np.float32)
+        for row0, raw in g.token_embd.parts:
+            sel = np.nonzero((ids >= row0) & (ids < row0 + raw.shape[0]))[0]
+            if sel.size:
+                out = np.empty((sel.size, self.cfg.n_embd), np.float32)
+                dequantize_rows(raw, g.token_embd.ggml_type, ids[sel] - row0, out)
+                x[sel] = out
+        return x
+
+    def layer(self, i: int, w: LayerWeights, x: np.ndarray, cache: KVCache, pos0: int) -> None:
+        """Run block i on x (n, d) in place; tokens at positions pos0..pos0+n-1; writes their K/V."""
+        c = self.cfg
+        n = x.shape[0]
+        s = self.scratch(n)
+        ops.rmsnorm(x, w.attn_norm, c.norm_eps, s.h)
+        w.wq.matmul(s.h, s.q)
+        w.wk.matmul(s.h, s.k)
+        w.wv.matmul(s.h, s.v)
+        if w.bq is not None:
+            ops.add_bias(s.q, w.bq)
+            ops.add_bias(s.k, w.bk)
+            ops.add_bias(s.v, w.bv)
+        ops.rope(s.q, c.n_head, c.head_dim, pos0, self.cos, self.sin, c.rope_neox)
+        ops.rope(s.k, c.n_head_kv, c.head_dim, pos0, self.cos, self.sin, c.rope_neox)
+        kc, vc = cache.k[i], cache.v[i]
+        np.copyto(kc[pos0 : pos0 + n], s.k)  # rounds to f16
+        np.copyto(vc[pos0 : pos0 + n], s.v)
+        ops.attention(s.q, kc.view(np.uint16), vc.view(np.uint16), pos0, c.n_head, c.n_head_kv, c.head_dim,
+                      ops.F16_TO_F32, s.scores_for(pos0 + n), s.att)
+        w.wo.matmul(s.att, s.o)
+        ops.add_inplace(x, s.o)
+        ops.rmsnorm(x, w.ffn_norm, c.norm_eps, s.h)
+        w.wg.matmul(s.h, s.g)
+        w.wu.matmul(s.h, s.u)
+        ops.swiglu(s.g, s.u)
+        w.wd.matmul(s.g, s.o)
+        ops.add_inplace(x, s.o)
+
+    def logits(self, g: GlobalWeights, x_last: np.ndarray) -> np.ndarray:
+        """x_last (1, d) -> logits (vocab,) f32 (a new array)."""
+        h = np.empty_like(x_last)
+        ops.rmsnorm(x_last, g.output_norm, self.cfg.norm_eps, h)
+        out = np.empty((1, g.output.rows), np.float32)
+        g.output.matmul(h, out)
+        return out[0]

@@ -1,0 +1,397 @@
+"""Tensor table + memory budget -> Plan: which rows of which tensors stay resident, what streams per token.
+
+A pure function of the model's tensor table, the budget, the prefetch window, the
+preservation policy and the mode: no disk, no allocation, so it is unit-tested
+on its own and printed by `generate --show-plan`.
+
+Vocabulary
+  stage      what the engine streams as one unit: layer i (its 7 matrices), then the
+             head (output.weight, or token_embd.weight when the output is tied).
+  resident   rows kept in the locked arena for the whole run. A tensor is split
+             along rows: its first `resident_rows` rows are resident, the rest stream.
+  segment    one contiguous streamed byte range (a tensor's streamed tail).
+  span       the O_DIRECT read that covers a segment: file offset rounded down and
+             end rounded up to DIRECT_ALIGN, so its buffer is larger than the segment.
+
+Budget accounting (bytes, all counted):
+  resident bytes (rows kept, each tensor part padded to RESIDENT_ALIGN in the arena)
+  + window x slot bytes (a slot holds one stage's spans; `window` slots in flight)
+  + vectors (norms, biases: always resident)
+  <= budget.
+The minimum budget streams everything: vectors + window x the largest stage's spans.
+
+Balanced locking spreads the resident bytes so that every stage streams the same
+number of bytes (water-filling: stage s streams min(bytes_s, S), with S chosen so
+the resident total fills the budget), and within a stage the policy decides which
+tensors are kept first. The cost model (`predict`) turns a plan into a predicted
+seconds-per-token from measured disk bandwidth, per-request overhead and per-byte
+compute time; policy "auto" picks the policy with the smallest prediction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from .errors import BudgetError
+from .gguf import GGUFFile, TensorInfo
+
+DIRECT_ALIGN = 4096  # O_DIRECT: file offset, length and buffer address multiples of the logical block size
+RESIDENT_ALIGN = 64  # resident tensor parts start on a cache line in the arena
+
+MODES = ("memory", "flexinfer", "no-preserve", "no-balance", "prefetch-only", "no-prefetch", "sync", "mmap")
+POLICIES = ("auto", "ffn", "attn", "mixed")
+
+FFN_ROLES = ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
+ATTN_ROLES = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight")
+ORDER = {"ffn": FFN_ROLES + ATTN_ROLES, "attn": ATTN_ROLES + FFN_ROLES}
+
+
+def aligned_span(offset: int, length: int, align: int = DIRECT_ALIGN) -> tuple[int, int]:
+    """(offset, length) -> (start, nbytes) of the smallest aligned range that covers it."""
+    if offset < 0 or length < 0:
+        raise ValueError(f"negative offset or length: ({offset}, {length})")
+    if length == 0:
+        return offset - offset % align, 0
+    start = offset - offset % align
+    end = -(-(offset + length) // align) * align
+    return start, end - start
+
+
+def parse_size(text: str | int, total: int | None = None) -> int:
+    """'1.5GiB', '800MB', '512M', '25%' (of total), or an int -> bytes."""
+    if isinstance(text, int):
+        return text
+    s = text.strip().replace(" ", "")
+    if s.endswith("%"):
+        if total is None:
+            raise ValueError(f"a percentage budget ({text!r}) needs the model size")
+        return int(total * float(s[:-1]) / 100)
+    units = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1024**2,
+             "g": 1e9, "gb": 1e9, "gib": 1024**3, "t": 1e12, "tb": 1e12, "tib": 1024**4}
+    i = len(s)
+    while i and not (s[i - 1].isdigit() or s[i - 1] == "."):
+        i -= 1
+    num, unit = s[:i], s[i:].lower()
+    if not num or unit not in units:
+        raise ValueError(f"cannot parse size {text!r} (examples: 1.5GiB, 800MB, 25%)")
+    return int(float(num) * units[unit])
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    info: TensorInfo  # for a head chunk: a row range of the tensor (offset and shape of the chunk)
+    stage: int
+    resident_rows: int
+    row0: int = 0  # first row of `info` within the whole tensor (head chunks)
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.resident_rows * self.info.row_bytes
+
+    @property
+    def streamed_rows(self) -> int:
+        return self.info.n_rows - self.resident_rows
+
+    @property
+    def segment(self) -> tuple[int, int] | None:
+        """(file offset, nbytes) of the streamed tail, or None when fully resident."""
+        if self.streamed_rows == 0:
+            return None
+        return self.info.offset + self.resident_bytes, self.streamed_rows * self.info.row_bytes
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    index: int
+    name: str  # "layer 7" or "head"
+    tensors: tuple[TensorPlan, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.info.nbytes for t in self.tensors)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(t.resident_bytes for t in self.tensors)
+
+    @property
+    def streamed_bytes(self) -> int:
+        return self.nbytes - self.resident_bytes
+
+    @property
+    def segments(self) -> list[tuple[TensorPlan, int, int]]:
+        return [(t, *t.segment) for t in self.tensors if t.segment is not None]
+
+    @property
+    def span_bytes(self) -> int:
+        """Bytes of the O_DIRECT buffer that holds all of this stage's streamed segments."""
+        return sum(aligned_span(off, n)[1] for _, off, n in self.segments)
+
+
+@dataclass(frozen=True)
+class Plan:
+    mode: str
+    policy: str  # the policy used (auto resolved)
+    budget: int
+    window: int
+    stages: tuple[StagePlan, ...]
+    vectors: tuple[TensorInfo, ...]  # norms and biases: always resident
+    embedding: TensorInfo  # token_embd.weight
+    embedding_resident: bool  # False: rows are read on demand per pass
+    model_bytes: int
+    predicted: dict = field(default_factory=dict, compare=False)  # policy -> predicted s/token (auto)
+
+    @property
+    def resident_bytes(self) -> int:
+        emb = self.embedding.nbytes if self.embedding_resident and not self.tied else 0
+        return sum(_pad(t.resident_bytes) for s in self.stages for t in s.tensors) + emb
+
+    @property
+    def tied(self) -> bool:
+        return any(t.info.name == "token_embd.weight" for t in self.stages[-1].tensors)
+
+    @property
+    def vector_bytes(self) -> int:
+        return sum(_pad(t.nbytes) for t in self.vectors)
+
+    @property
+    def slot_bytes(self) -> int:
+        return max((s.span_bytes for s in self.stages), default=0)
+
+    @property
+    def window_bytes(self) -> int:
+        return self.window * self.slot_bytes if self.streams else 0
+
+    @property
+    def streams(self) -> bool:
+        return self.mode not in ("memory", "mmap")
+
+    @property
+    def total_bytes(self) -> int:
+        """Everything the engine allocates for weights: must be <= budget."""
+        return self.resident_bytes + self.window_bytes + self.vector_bytes
+
+    @property
+    def streamed_bytes_per_token(self) -> int:
+        return sum(s.streamed_bytes for s in self.stages)
+
+    @property
+    def budget_use(self) -> float:
+        return self.total_bytes / self.budget if self.budget else 0.0
+
+    def describe(self) -> str:
+        lines = [
+            f"plan: mode={self.mode} policy={self.policy} window={self.window} budget={fmt_bytes(self.budget)} "
+            f"(uses {fmt_bytes(self.total_bytes)} = {100 * self.budget_use:.1f}%)",
+            f"  model {fmt_bytes(self.model_bytes)}; resident {fmt_bytes(self.resident_bytes)} + vectors "
+            f"{fmt_bytes(self.vector_bytes)} + window {self.window} x {fmt_bytes(self.slot_bytes)}",
+            f"  streamed per token: {fmt_bytes(self.streamed_bytes_per_token)}",
+        ]
+        for s in self.stages:
+            parts = []
+            for t in s.tensors:
+                frac = t.resident_rows / t.info.n_rows
+                tag = "all" if frac == 1 else ("-" if frac == 0 else f"{100 * frac:.0f}%")
+                parts.append(f"{t.info.role.split('.')[0]}:{tag}")
+            lines.append(f"  {s.name:>9}: resident {fmt_bytes(s.resident_bytes):>11}  streams "
+                         f"{fmt_bytes(s.streamed_bytes):>11}  [{' '.join(parts)}]")
+        for k, v in self.predicted.items():
+            lines.append(f"  predicted {k}: {1e3 * v:.1f} ms/token")
+        return "\n".join(lines)
+
+
+def _pad(n: int) -> int:
+    return -(-n // RESIDENT_ALIGN) * RESIDENT_ALIGN
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Measured machine figures that turn a plan into predicted seconds per token."""
+
+    disk_bps: float = 2.0e9  # O_DIRECT read bandwidth, bytes/s
+    request_s: float = 60e-6  # fixed cost per read request (submission, completion, seek)
+    compute_bps: float = 30e9  # weight bytes the kernels consume per second
+    op_s: float = 20e-6  # fixed compute cost per matmul (dispatch, threads)
+
+    def stage_times(self, st: StagePlan) -> tuple[float, float]:
+        io = sum(self.request_s + n / self.disk_bps for _, _, n in st.segments)
+        cpu = len(st.tensors) * self.op_s + st.nbytes / self.compute_bps
+        return io, cpu
+
+    def predict(self, plan: Plan, overlap: bool = True) -> float:
+        """Seconds per token. With prefetch, I/O overlaps compute: a stage whose bytes arrive
+        late stalls only by the excess, and the pipeline runs at the slower of the two sums."""
+        io = [self.stage_times(s) for s in plan.stages]
+        t_io = sum(a for a, _ in io)
+        t_cpu = sum(b for _, b in io)
+        if not overlap:
+            return t_io + t_cpu
+        # The window smooths imbalances between stages; what it cannot hide is each stage's own
+        # excess of I/O over compute when the window is drained (uniform stages keep it small).
+        stall = sum(max(0.0, a - b) for a, b in io) / max(plan.window, 1)
+        return max(t_io, t_cpu) + stall * (1.0 if t_io > t_cpu else 0.0)
+
+
+def stage_tensors(gf: GGUFFile) -> list[tuple[str, list[tuple[int, TensorInfo]]]]:
+    """The streaming order: each layer's matrices (file order), then the output head.
+
+    The head is cut into row chunks no larger than the largest layer, so that a
+    large vocabulary (SmolLM2's tied 30 MB head vs 2.2 MB layers) does not set the
+    window's slot size. Items are (first row within the tensor, tensor or chunk).
+    """
+    c = gf.config
+    stages = []
+    for i in range(c.n_layer):
+        stages.append((f"layer {i}", [(0, t) for t in gf.layer_tensors(i) if len(t.shape) > 1]))
+    head = gf.by_name["token_embd.weight"] if c.tied_output else gf.by_name["output.weight"]
+    limit = max((sum(t.nbytes for _, t in ts) for _, ts in stages), default=head.nbytes)
+    n_chunks = max(1, -(-head.nbytes // limit))
+    step = -(-head.n_rows // n_chunks)
+    for k, r0 in enumerate(range(0, head.n_rows, step)):
+        rows = min(step, head.n_rows - r0)
+        chunk = replace(head, shape=(head.row_len, rows), offset=head.offset + r0 * head.row_bytes,
+                        nbytes=rows * head.row_bytes)
+        stages.append((f"head {k}" if n_chunks > 1 else "head", [(r0, chunk)]))
+    return stages
+
+
+def _vectors(gf: GGUFFile) -> tuple[TensorInfo, ...]:
+    return tuple(t for t in gf.tensors if len(t.shape) == 1)
+
+
+def _keep(tensors: list[TensorInfo], resident: int, policy: str) -> list[int]:
+    """Resident rows per tensor (in the given order) for `resident` bytes of this stage."""
+    rows = [0] * len(tensors)
+    if policy == "mixed":  # the same fraction of every tensor
+        total = sum(t.nbytes for t in tensors)
+        f = min(1.0, resident / total) if total else 0.0
+        for i, t in enumerate(tensors):
+            rows[i] = min(t.n_rows, int(f * t.n_rows))
+        left = resident - sum(r * t.row_bytes for r, t in zip(rows, tensors))
+        for i, t in enumerate(tensors):  # hand out what rounding down left over
+            extra = min(t.n_rows - rows[i], max(0, left) // t.row_bytes)
+            rows[i] += extra
+            left -= extra * t.row_bytes
+        return rows
+    order = ORDER.get(policy)
+    rank = {role: k for k, role in enumerate(order)} if order else {}
+    idx = sorted(range(len(tensors)), key=lambda i: (rank.get(tensors[i].role, len(rank)), i))
+    left = resident
+    for i in idx:
+        t = tensors[i]
+        r = min(t.n_rows, max(0, left) // t.row_bytes)
+        rows[i] = r
+        left -= r * t.row_bytes
+    return rows
+
+
+def _build(gf, stages_t, mode, policy, budget, window, shares: list[int]) -> Plan:
+    stages = []
+    for k, ((name, items), share) in enumerate(zip(stages_t, shares)):
+        rows = _keep([t for _, t in items], share, policy)
+        stages.append(StagePlan(k, name, tuple(TensorPlan(t, k, r, r0) for (r0, t), r in zip(items, rows))))
+    emb = gf.by_name["token_embd.weight"]
+    return Plan(mode, policy, budget, window, tuple(stages), _vectors(gf), emb,
+                embedding_resident=False, model_bytes=sum(t.nbytes for t in gf.tensors))
+
+
+def _fit(gf, stages_t, mode, policy, budget, window, balanced: bool) -> Plan:
+    """The plan that keeps the most bytes resident within the budget.
+
+    Balanced: bisect on the streamed bytes per stage S. The plan's total falls as
+    S grows (each byte of S frees one resident byte in every stage taller than S
+    and costs only `window` bytes of slot), so the smallest S that fits is found
+    by bisection. Unbalanced (whole stages, the first ones first): bisect on the
+    resident total; the slot is then the largest stage whatever is kept.
+    """
+    sizes = [sum(t.nbytes for _, t in ts) for _, ts in stages_t]
+
+    def build(shares):
+        return _build(gf, stages_t, mode, policy, budget, window, shares)
+
+    if balanced:
+        lo, hi = 0, max(sizes)  # S = max(sizes): nothing resident
+        best = build([0] * len(sizes))
+        if best.total_bytes > budget:
+            return best
+        while lo < hi:
+            mid = (lo + hi) // 2
+            p = build([max(0, b - mid) for b in sizes])
+            if p.total_bytes <= budget:
+                hi, best = mid, p
+            else:
+                lo = mid + 1
+        return best
+
+    def whole(resident: int) -> list[int]:
+        out, left = [], resident
+        for b in sizes:
+            out.append(b if left >= b else 0)
+            left -= out[-1]
+        return out
+
+    lo, hi = 0, sum(sizes)
+    best = build(whole(0))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        p = build(whole(mid))
+        if p.total_bytes <= budget:
+            lo, best = mid, p
+        else:
+            hi = mid - 1
+    return best
+
+
+def minimum_budget(gf: GGUFFile, window: int = 3) -> int:
+    stages_t = stage_tensors(gf)
+    p = _build(gf, stages_t, "prefetch-only", "ffn", 0, window, [0] * len(stages_t))
+    return p.total_bytes
+
+
+def plan_budget(gf: GGUFFile, budget: int | str, *, window: int = 3, policy: str = "auto",
+                mode: str = "flexinfer", cost: CostModel | None = None) -> Plan:
+    """Plan what stays resident for `budget` bytes of weight memory (see module docstring)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r} (one of {', '.join(POLICIES)})")
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    model_bytes = sum(t.nbytes for t in gf.tensors)
+    budget = parse_size(budget, model_bytes)
+    stages_t = stage_tensors(gf)
+    if mode in ("memory", "mmap"):
+        p = _build(gf, stages_t, mode, "ffn", budget, window, [sum(t.nbytes for _, t in ts) for _, ts in stages_t])
+        p = replace(p, embedding_resident=True)
+        if mode == "memory" and p.total_bytes > budget:
+            raise BudgetError(f"mode 'memory' keeps the whole model resident: needs {p.total_bytes:,} bytes "
+                              f"({fmt_bytes(p.total_bytes)}), budget is {budget:,} ({fmt_bytes(budget)})")
+        return p
+    if mode in ("sync", "no-prefetch"):
+        window = 1
+    minimum = _build(gf, stages_t, mode, "ffn", budget, window, [0] * len(stages_t)).total_bytes
+    if budget < minimum:
+        raise BudgetError(
+            f"budget {budget:,} bytes ({fmt_bytes(budget)}) is below the minimum {minimum:,} bytes "
+            f"({fmt_bytes(minimum)}) for mode {mode!r}: {window} x the largest stage streamed whole + norms"
+        )
+    if mode in ("sync", "prefetch-only"):  # baselines that lock nothing beyond the window
+        return _build(gf, stages_t, mode, "ffn", budget, window, [0] * len(stages_t))
+    balanced = mode != "no-balance"
+    if mode == "no-preserve" or (mode == "no-balance" and policy == "auto"):
+        policy = "mixed" if mode == "no-preserve" else "ffn"
+    if policy != "auto":
+        return _fit(gf, stages_t, mode, policy, budget, window, balanced)
+    cost = cost or CostModel()
+    cands = {pol: _fit(gf, stages_t, mode, pol, budget, window, balanced) for pol in ("ffn", "attn", "mixed")}
+    predicted = {pol: cost.predict(p, overlap=mode != "no-prefetch") for pol, p in cands.items()}
+    best = min(predicted, key=lambda k: (round(predicted[k], 9), ("ffn", "attn", "mixed").index(k)))
+    return replace(cands[best], predicted=predicted)

@@ -1,0 +1,276 @@
+"""Plan + reader + arena -> per-stage weight views, streamed `window` stages ahead of compute.
+
+How the two sides meet
+  The weights of one pass are a cyclic sequence of stages (layer 0 .. layer L-1,
+  head chunks); passes repeat it, so stage `seq % n_stages` is the seq-th stage
+  the compute thread will need, across tokens. Two counters order everything:
+    loaded    stages whose bytes are in a slot (advanced by the I/O pump),
+    consumed  stages whose compute has finished (advanced by the compute thread).
+  The pump (an asyncio task on the event loop) issues stage `seq` into slot
+  `seq % window` once that slot's previous occupant (stage seq - window) is
+  consumed; the compute thread blocks on a threading.Condition until
+  `loaded > seq`. Nobody sleeps or polls. With window 1 (the `sync` modes) a
+  stage is read only once the previous one is consumed: no overlap.
+
+  Resident rows (the plan's locked share) are read once at open into an arena
+  buffer and never move, so a stage's weights are resident views plus views into
+  its slot: `stage_parts(stage, slot)` describes them, and the engine builds its
+  weight objects once per (stage, slot).
+
+Failure and cancellation
+  An I/O error is stored and wakes the compute thread, which raises it (no hang).
+  `abort()` wakes a blocked compute thread with StreamAborted; the pump's reads
+  are cancelled by the reader and the counters rewound so the next pass starts
+  clean.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .arena import Arena, ArenaBuffer
+from .errors import FlexioError
+from .gguf import GGUFFile, TensorInfo
+from .plan import Plan, StagePlan, aligned_span
+
+
+class StreamAborted(FlexioError):
+    """The pass was abandoned (generation cancelled or engine closing)."""
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    passes: int
+    stages_loaded: int
+    bytes_read: int
+    compute_wait_s: float  # time the compute thread spent blocked on I/O
+
+
+def _read_exact(fd: int, view: memoryview, offset: int) -> None:
+    """pread until `view` is full (buffered fd; used once at open for resident rows)."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise FlexioError(f"unexpected end of file at byte {offset + done:,} while loading resident weights")
+        done += n
+
+
+class StageStream:
+    """The weights of every stage of a plan, resident or streamed through `window` slots."""
+
+    def __init__(self, gf: GGUFFile, plan: Plan, reader, arena: Arena):
+        self.gf, self.plan, self.reader, self.arena = gf, plan, reader, arena
+        self.window = plan.window
+        self.n_stages = len(plan.stages)
+        self._bufs: list[ArenaBuffer] = []
+        self._load_resident()
+        self.slots = arena.carve(max(plan.slot_bytes, 4096), self.window, tag="slot") if plan.streams else []
+        self._bufs += self.slots
+        # (stage, slot) -> weights view, and each stage's reads: (file offset, nbytes, slot offset)
+        self._reads = [self._stage_reads(s) for s in plan.stages]
+        self._cond = threading.Condition()
+        self.loaded = 0
+        self.consumed = 0
+        self._error: BaseException | None = None
+        self._aborted = False
+        self._consumed_evt: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.bytes_read = 0
+        self.wait_s = 0.0
+        self.passes = 0
+
+    # --- resident part -------------------------------------------------------------
+
+    def _load_resident(self) -> None:
+        p, gf = self.plan, self.gf
+        self._resident: dict[tuple[str, int], np.ndarray] = {}  # (name, row0) -> uint8 (rows, row_bytes)
+        self._vectors: dict[str, np.ndarray] = {}
+        if p.mode == "mmap":  # llama.cpp's way: views of a shared read-only mapping, the page cache does the rest
+            m = np.memmap(gf.path, np.uint8, "r")
+            for t in p.vectors:
+                self._vectors[t.name] = m[t.offset : t.offset + t.nbytes]
+            for s in p.stages:
+                for tp in s.tensors:
+                    a = m[tp.info.offset : tp.info.offset + tp.resident_bytes]
+                    self._resident[(tp.info.name, tp.row0)] = a.reshape(tp.resident_rows, tp.info.row_bytes)
+            emb = p.embedding
+            self._emb = m[emb.offset : emb.offset + emb.nbytes].reshape(emb.n_rows, emb.row_bytes)
+            return
+        fd = os.open(gf.path, os.O_RDONLY)
+        try:
+            for t in p.vectors:
+                buf = self._alloc(t.nbytes, f"vec:{t.name}")
+                _read_exact(fd, buf.view, t.offset)
+                self._vectors[t.name] = np.frombuffer(buf.view, np.uint8)
+            for s in p.stages:
+                for tp in s.tensors:
+                    if tp.resident_rows:
+                        buf = self._alloc(tp.resident_bytes, f"res:{tp.info.name}")
+                        _read_exact(fd, buf.view, tp.info.offset)
+                        self._resident[(tp.info.name, tp.row0)] = np.frombuffer(buf.view, np.uint8).reshape(
+                            tp.resident_rows, tp.info.row_bytes)
+            emb = p.embedding
+            if p.embedding_resident and not p.tied:
+                buf = self._alloc(emb.nbytes, "res:token_embd")
+                _read_exact(fd, buf.view, emb.offset)
+                self._emb = np.frombuffer(buf.view, np.uint8).reshape(emb.n_rows, emb.row_bytes)
+            else:
+                self._emb = None
+            try:  # the resident bytes now live in the arena: do not keep them twice in the page cache
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass
+        finally:
+            os.close(fd)
+
+    def _alloc(self, n: int, tag: str) -> ArenaBuffer:
+        b = self.arena.alloc(n, align=64, tag=tag)
+        self._bufs.append(b)
+        return b
+
+    # --- per-stage layout --------------------------------------------------------------
+
+    def _stage_reads(self, s: StagePlan) -> list[tuple[int, int, int, int]]:
+        """[(span file offset, span bytes, slot offset of the span, segment offset in the span)]."""
+        out, pos = [], 0
+        for _tp, off, n in s.segments:
+            start, nbytes = aligned_span(off, n)
+            out.append((start, nbytes, pos, off - start))
+            pos += nbytes
+        return out
+
+    def _parts(self, tp, slot: ArenaBuffer | None, seg_pos: int | None) -> list[tuple[int, np.ndarray]]:
+        """Row ranges of one tensor (rows numbered within the whole tensor) as uint8 views."""
+        parts = []
+        if tp.resident_rows:
+            parts.append((tp.row0, self._resident[(tp.info.name, tp.row0)]))
+        if tp.streamed_rows:
+            n = tp.streamed_rows * tp.info.row_bytes
+            raw = np.frombuffer(slot.view, np.uint8, count=n, offset=seg_pos)
+            parts.append((tp.row0 + tp.resident_rows, raw.reshape(tp.streamed_rows, tp.info.row_bytes)))
+        return parts
+
+    def stage_parts(self, stage: int, slot: int) -> list[tuple[TensorInfo, list[tuple[int, np.ndarray]]]]:
+        """Stage `stage` as it is laid out when loaded into slot `slot`: [(tensor, row-range parts)].
+
+        Views are stable for the stream's lifetime, so a caller builds its weight
+        objects once per (stage, slot) and reuses them every pass.
+        """
+        s = self.plan.stages[stage]
+        buf = self.slots[slot] if self.slots else None
+        reads = iter(self._reads[stage])
+        out = []
+        for tp in s.tensors:
+            seg_pos = None
+            if tp.streamed_rows:
+                _start, _nb, slot_off, inner = next(reads)
+                seg_pos = slot_off + inner
+            out.append((tp.info, self._parts(tp, buf, seg_pos)))
+        return out
+
+    @property
+    def n_slots(self) -> int:
+        return max(1, len(self.slots))
+
+    def vector(self, name: str) -> np.ndarray:
+        """Raw bytes (uint8) of a resident 1-D tensor (norm or bias)."""
+        return self._vectors[name]
+
+    def embed_rows(self, ids: np.ndarray, fd: int) -> tuple[np.ndarray, np.ndarray]:
+        """token_embd rows for `ids` -> (raw uint8 rows, row ids into them)."""
+        emb = self.plan.embedding
+        if self._emb is not None:
+            return self._emb, ids
+        out = np.empty((len(ids), emb.row_bytes), np.uint8)
+        for i, t in enumerate(ids):
+            _read_exact(fd, memoryview(out[i]), emb.offset + int(t) * emb.row_bytes)
+        return out, np.arange(len(ids), dtype=np.int64)
+
+    # --- compute side (compute thread) --------------------------------------------------
+
+    def acquire(self, seq: int) -> tuple[int, int]:
+        """Block until stage `seq` is loaded; returns (stage, slot) for `stage_parts`."""
+        if not self.slots:  # nothing streams: every stage is always there
+            return seq % self.n_stages, 0
+        with self._cond:
+            if self.loaded <= seq:
+                t0 = time.perf_counter()
+                self._cond.wait_for(lambda: self.loaded > seq or self._error is not None or self._aborted)
+                self.wait_s += time.perf_counter() - t0
+            if self._error is not None:
+                raise self._error
+            if self._aborted:
+                raise StreamAborted("weight stream aborted")
+        return seq % self.n_stages, (seq % self.window if self.slots else 0)
+
+    def release(self, seq: int) -> None:
+        """Compute on stage `seq` is done: its slot may be refilled."""
+        with self._cond:
+            self.consumed = seq + 1
+        if self._loop is not None and self._consumed_evt is not None:
+            self._loop.call_soon_threadsafe(self._consumed_evt.set)
+
+    # --- I/O side (event loop) -----------------------------------------------------------
+
+    async def pump(self) -> None:
+        """Keep the window's slots filled ahead of compute, forever (until cancelled).
+
+        Stage seq goes into slot seq % window, which is free once stage seq - window
+        is consumed. With window 1 a stage is read only after the previous one's
+        compute finished: the `sync` baseline, no overlap.
+        """
+        self._loop = asyncio.get_running_loop()
+        self._consumed_evt = asyncio.Event()
+        seq = self.loaded
+        while True:
+            while self.consumed < seq - self.window + 1:
+                self._consumed_evt.clear()
+                if self.consumed >= seq - self.window + 1:
+                    break
+                await self._consumed_evt.wait()
+            stage = seq % self.n_stages
+            reads = self._reads[stage]
+            if reads:
+                slot = self.slots[seq % self.window]
+                try:
+                    await self.reader.read_many([(off, nb, slot.view[pos : pos + nb]) for off, nb, pos, _ in reads])
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # I/O error: hand it to the compute thread, which raises it
+                    with self._cond:
+                        self._error = e if isinstance(e, FlexioError) else FlexioError(
+                            f"reading stage {self.plan.stages[stage].name} failed: {e}")
+                        self._cond.notify_all()
+                    return
+                self.bytes_read += sum(nb for _, nb, _, _ in reads)
+            seq += 1
+            with self._cond:
+                self.loaded = seq
+                self._cond.notify_all()
+
+    def abort(self) -> None:
+        with self._cond:
+            self._aborted = True
+            self._cond.notify_all()
+
+    def rewind(self) -> None:
+        """After an abort, with the pump stopped: next pass starts at stage 0 with empty slots."""
+        with self._cond:
+            self.loaded = self.consumed = 0
+            self._aborted = False
+            self._error = None
+
+    def statistics(self) -> StreamStats:
+        return StreamStats(self.passes, self.loaded, self.bytes_read, self.wait_s)
+
+    def close(self) -> None:
+        for b in self._bufs:
+            b.release()
+        self._bufs = []

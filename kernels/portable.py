@@ -1,0 +1,304 @@
+"""Raw GGUF rows x float32 activations -> float32 outputs, in plain @njit (any CPU).
+
+The integer math is llama.cpp's: activations become int8 blocks (actq.py), each weight
+block gives an exact integer dot with its activation block, and float32 only enters as
+(weight scale * activation scale) * integer sum.  The AVX2 backend (avx2.py) does the same
+integers with explicit SIMD; this module is the fallback and the arbiter in tests.
+
+f16 fields are read through a 65536-entry f16 -> f32 table (Numba has no float16 on CPU).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .actq import quantize_q8_32, quantize_q8_k
+from .layouts import LAYOUTS, QK, QK_K
+
+ROW_CHUNK = 16  # rows per parallel work item
+
+F16_TO_F32 = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)  # (65536,)
+
+# byte offsets, from the layouts (kernels never hard-code them)
+Q4_0_BB, Q4_0_D, Q4_0_QS = LAYOUTS[2].block_bytes, LAYOUTS[2].offset("d"), LAYOUTS[2].offset("qs")
+Q4_1_BB, Q4_1_D, Q4_1_M, Q4_1_QS = LAYOUTS[3].block_bytes, LAYOUTS[3].offset("d"), LAYOUTS[3].offset("m"), LAYOUTS[3].offset("qs")
+Q5_0_BB, Q5_0_D, Q5_0_QH, Q5_0_QS = LAYOUTS[6].block_bytes, LAYOUTS[6].offset("d"), LAYOUTS[6].offset("qh"), LAYOUTS[6].offset("qs")
+Q8_0_BB, Q8_0_D, Q8_0_QS = LAYOUTS[8].block_bytes, LAYOUTS[8].offset("d"), LAYOUTS[8].offset("qs")
+Q4_K_BB, Q4_K_D, Q4_K_DMIN, Q4_K_SC, Q4_K_QS = (LAYOUTS[12].block_bytes, LAYOUTS[12].offset("d"), LAYOUTS[12].offset("dmin"),
+                                               LAYOUTS[12].offset("scales"), LAYOUTS[12].offset("qs"))
+Q5_K_BB, Q5_K_D, Q5_K_DMIN, Q5_K_SC, Q5_K_QH, Q5_K_QS = (LAYOUTS[13].block_bytes, LAYOUTS[13].offset("d"), LAYOUTS[13].offset("dmin"),
+                                                        LAYOUTS[13].offset("scales"), LAYOUTS[13].offset("qh"), LAYOUTS[13].offset("qs"))
+Q6_K_BB, Q6_K_QL, Q6_K_QH, Q6_K_SC, Q6_K_D = (LAYOUTS[14].block_bytes, LAYOUTS[14].offset("ql"), LAYOUTS[14].offset("qh"),
+                                             LAYOUTS[14].offset("scales"), LAYOUTS[14].offset("d"))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def half(w, r, o, tab):
+    return tab[np.int32(w[r, o]) | (np.int32(w[r, o + 1]) << 8)]
+
+
+@njit(nogil=True, cache=True, inline="always")
+def k_scale_min(w, r, o, i):
+    """Q4_K/Q5_K: 6-bit (scale, min) of sub-block i from the 12 bytes at w[r, o:o+12] (ggml get_scale_min_k4)."""
+    if i < 4:
+        return np.int32(w[r, o + i]) & 63, np.int32(w[r, o + i + 4]) & 63
+    sc = (np.int32(w[r, o + i + 4]) & 15) | ((np.int32(w[r, o + i - 4]) >> 6) << 4)
+    m = (np.int32(w[r, o + i + 4]) >> 4) | ((np.int32(w[r, o + i]) >> 6) << 4)
+    return sc, m
+
+
+@njit(nogil=True, cache=True, inline="always")
+def i8(v):
+    return np.int32(v) - 256 if v > 127 else np.int32(v)
+
+
+# ---- one output per (row, column): integer block dots, float32 accumulation ----
+
+@njit(nogil=True, cache=True)
+def rows_q4_0(w, xq, xd, xbs, out, col0, r0, r1, tab):
+    n = xq.shape[0]
+    nb = w.shape[1] // Q4_0_BB
+    for r in range(r0, r1):
+        for j in range(n):
+            acc = np.float32(0.0)
+            for b in range(nb):
+                o = b * Q4_0_BB
+                e = b * QK
+                isum = np.int32(0)
+                for i in range(16):
+                    v = np.int32(w[r, o + Q4_0_QS + i])
+                    isum += (v & 15) * np.int32(xq[j, e + i]) + (v >> 4) * np.int32(xq[j, e + 16 + i])
+                isum -= 8 * (xbs[j, 2 * b] + xbs[j, 2 * b + 1])
+                acc += (half(w, r, o + Q4_0_D, tab) * xd[j, b]) * np.float32(isum)
+            out[j, col0 + r] = acc
+
+
+@njit(nogil=True, cache=True)
+def rows_q4_1(w, xq, xd, xs, out, col0, r0, r1, tab):
+    n = xq.shape[0]
+    nb = w.shape[1] // Q4_1_BB
+    for r in range(r0, r1):
+        for j in range(n):
+            acc = np.float32(0.0)
+            for b in range(nb):
+                o = b * Q4_1_BB
+                e = b * QK
+                isum = np.int32(0)
+                for i in range(16):
+                    v = np.int32(w[r, o + Q4_1_QS + i])
+                    isum += (v & 15) * np.int32(xq[j, e + i]) + (v >> 4) * np.int32(xq[j, e + 16 + i])
+                acc += (half(w, r, o + Q4_1_D, tab) * xd[j, b]) * np.float32(isum) + half(w, r, o + Q4_1_M, tab) * xs[j, b]
+            out[j, col0 + r] = acc
+
+
+@njit(nogil=True, cache=True)
+def rows_q5_0(w, xq, xd, xbs, out, col0, r0, r1, tab):
+    n = xq.shape[0]
+    nb = w.shape[1] // Q5_0_BB
+    for r in range(r0, r1):
+        for j in range(n):
+            acc = np.float32(0.0)
+            for b in range(nb):
+                o = b * Q5_0_BB
+                e = b * QK
+                qh = (np.int64(w[r, o + Q5_0_QH]) | (np.int64(w[r, o + Q5_0_QH + 1]) << 8)
+                      | (np.int64(w[r, o + Q5_0_QH + 2]) << 16) | (np.int64(w[r, o + Q5_0_QH + 3]) << 24))
+                isum = np.int32(0)
+                for i in range(16):
+                    v = np.int32(w[r, o + Q5_0_QS + i])
+                    lo = (v & 15) | np.int32(((qh >> i) & 1) << 4)
+                    hi = (v >> 4) | np.int32(((qh >> (i + 16)) & 1) << 4)
+                    isum += lo * np.int32(xq[j, e + i]) + hi * np.int32(xq[j, e + 16 + i])
+                isum -= 16 * (xbs[j, 2 * b] + xbs[j, 2 * b + 1])
+                acc += (half(w, r, o + Q5_0_D, tab) * xd[j, b]) * np.float32(isum)
+            out[j, col0 + r] = acc
+
+
+@njit(nogil=True, cache=True)
+def rows_q8_0(w, xq, xd, xbs, out, col0, r0, r1, tab):
+    n = xq.shape[0]
+    nb = w.shape[1] // Q8_0_BB
+    for r in range(r0, r1):
+        for j in range(n):
+            acc = np.float32(0.0)
+            for b in range(nb):
+                o = b * Q8_0_BB
+                e = b * QK
+                isum = np.int32(0)
+                for i in range(QK):
+                    isum += i8(w[r, o + Q8_0_QS + i]) * np.int32(xq[j, e + i])
+                acc += (half(w, r, o + Q8_0_D, tab) * xd[j, b]) * np.float32(isum)
+            out[j, col0 + r] = acc
+
+
+@njit(nogil=True, cache=True)
+def rows_q4_k(w, xq, xd, xbs, out, col0, r0, r1, tab):
+    n = xq.shape[0]
+    nb = w.shape[1] // Q4_K_BB
+    for r in range(r0, r1):
+        for j in range(n):
+            acc = np.float32(0.0)
+            for b in range(nb):
+                o = b * Q4_K_BB
+                e = b * QK_K
+                isum = np.int32(0)
+                msum = np.int32(0)
+                for i in range(8):
+                    sc, m = k_scale_min(w, r, o + Q4_K_SC, i)
+                    qo = o + Q4_K_QS + 32 * (i // 2)
+                    sh = 4 * (i & 1)
+                    s = np.int32(0)
+                    for l in range(32):
+                        s += ((np.int32(w[r, qo + l]) >> sh) & 15) * np.int32(xq[j, e + 32 * i + l])
+                    isum += sc * s
+                    msum += m * (xbs[j, b * 16 + 2 * i] + xbs[j, b * 16 + 2 * i + 1])
+                acc += (half(w, r, o + Q4_K_D, tab) * xd[j, b]) * np.float32(isum)
+                acc -= (half(w, r, o + Q4_K_DMIN, tab) * xd[j, b]) * np.float32(msum)
+            out[j, col0 + r] = acc
+
+
+@njit(nogil=True, cache=True)
+def rows_q5_k(w, xq, xd, xbs, out, col0, r0, r1, tab):
+    n = xq.shape[0]
+    nb = w.shape[1] // Q5_K_BB
+    for r in range(r0, r1):
+        for j in range(n):
+            acc = np.float32(0.0)
+            for b in range(nb):
+                o = b * Q5_K_BB
+                e = b * QK_K
+                isum = np.int32(0)
+                msum = np.int32(0)
+                for i in range(8):
+                    sc, m = k_scale_min(w, r, o + Q5_K_SC, i)
+                    qo = o + Q5_K_QS + 32 * (i // 2)
+                    sh = 4 * (i & 1)
+                    s = np.int32(0)
+                    for l in range(32):
+                        q = ((np.int32(w[r, qo + l]) >> sh) & 15) | (((np.int32(w[r, o + Q5_K_QH + l]) >> i) & 1) << 4)
+                        s += q * np.int32(xq[j, e + 32 * i + l])
+                    isum += sc * s
+                    msum += m * (xbs[j, b * 16 + 2 * i] + xbs[j, b * 16 + 2 * i + 1])
+                acc += (half(w, r, o + Q5_K_D, tab) * xd[j, b]) * np.float32(isum)
+                acc -= (half(w, r, o + Q5_K_DMIN, tab) * xd[j, b]) * np.float32(msum)
+            out[j, col0 + r] = acc
+
+
+@njit(nogil=True, cache=True)
+def rows_q6_k(w, xq, xd, xbs, out, col0, r0, r1, tab):
+    n = xq.shape[0]
+    nb = w.shape[1] // Q6_K_BB
+    for r in range(r0, r1):
+        for j in range(n):
+            acc = np.float32(0.0)
+            for b in range(nb):
+                o = b * Q6_K_BB
+                e = b * QK_K
+                isum = np.int32(0)
+                for g in range(16):  # 16 groups of 16 weights, one int8 scale each
+                    s = np.int32(0)
+                    for i in range(16):
+                        rr = (16 * g + i) % 128
+                        h = (16 * g + i) // 128
+                        lo = (np.int32(w[r, o + Q6_K_QL + 64 * h + rr % 64]) >> (4 * (rr // 64))) & 15
+                        hi = (np.int32(w[r, o + Q6_K_QH + 32 * h + rr % 32]) >> (2 * (rr // 32))) & 3
+                        s += (lo | (hi << 4)) * np.int32(xq[j, e + 16 * g + i])
+                    isum += i8(w[r, o + Q6_K_SC + g]) * (s - 32 * xbs[j, b * 16 + g])
+                acc += (half(w, r, o + Q6_K_D, tab) * xd[j, b]) * np.float32(isum)
+            out[j, col0 + r] = acc
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def rows_f32(w, x, out, col0, r0, r1):
+    n, k = x.shape
+    wf = w.view(np.float32)  # (rows, k)
+    for r in range(r0, r1):
+        for j in range(n):
+            acc = np.float32(0.0)
+            for i in range(k):
+                acc += wf[r, i] * x[j, i]
+            out[j, col0 + r] = acc
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def rows_f16(w, x, out, col0, r0, r1, tab):
+    n, k = x.shape
+    wh = w.view(np.uint16)  # (rows, k)
+    for r in range(r0, r1):
+        for j in range(n):
+            acc = np.float32(0.0)
+            for i in range(k):
+                acc += tab[wh[r, i]] * x[j, i]
+            out[j, col0 + r] = acc
+
+
+# ---- drivers: check shapes, quantize x once, then split rows over threads ----
+
+_ELEMS = np.array([LAYOUTS[t].block_elems if t in LAYOUTS else 0 for t in range(16)], np.int64)
+_BYTES = np.array([LAYOUTS[t].block_bytes if t in LAYOUTS else 0 for t in range(16)], np.int64)
+
+
+@njit(nogil=True, cache=True)
+def check(w, t, x, out, col0):
+    """Raise unless w (rows, row_bytes), x (n, k), out (n, >= col0 + rows) fit type t and are C-contiguous."""
+    if t < 0 or t >= 16 or _BYTES[t] == 0:
+        raise ValueError("matmul: unsupported GGML type")
+    if w.shape[1] % _BYTES[t] != 0 or w.shape[1] // _BYTES[t] * _ELEMS[t] != x.shape[1]:
+        raise ValueError("matmul: w row bytes do not match x's row length k for this type")
+    if out.shape[0] != x.shape[0] or col0 < 0 or col0 + w.shape[0] > out.shape[1]:
+        raise ValueError("matmul: out must be (n, >= out_col0 + rows)")
+    if (w.strides[1] != 1 or w.strides[0] != w.shape[1] or x.strides[1] != 4 or x.strides[0] != 4 * x.shape[1]
+            or out.strides[1] != 4 or out.strides[0] != 4 * out.shape[1]):
+        raise ValueError("matmul: w, x and out must be C-contiguous")
+
+
+@njit(nogil=True, cache=True)
+def quantize_x(t, x):
+    """The activation blocks weight type t consumes: (q, d, bsums, s); s is unused except by Q4_1."""
+    if t == 12 or t == 13 or t == 14:
+        q, d, bs = quantize_q8_k(x)
+        return q, d, bs, d
+    if t == 0 or t == 1:  # float weights take x as it is
+        return np.empty((0, 0), np.int8), np.empty((0, 0), np.float32), np.empty((0, 0), np.int32), np.empty((0, 0), np.float32)
+    return quantize_q8_32(x)
+
+
+@njit(nogil=True, cache=True)
+def rows(t, w, x, xq, xd, xbs, xs, out, col0, r0, r1, tab):
+    if t == 2:
+        rows_q4_0(w, xq, xd, xbs, out, col0, r0, r1, tab)
+    elif t == 3:
+        rows_q4_1(w, xq, xd, xs, out, col0, r0, r1, tab)
+    elif t == 6:
+        rows_q5_0(w, xq, xd, xbs, out, col0, r0, r1, tab)
+    elif t == 8:
+        rows_q8_0(w, xq, xd, xbs, out, col0, r0, r1, tab)
+    elif t == 12:
+        rows_q4_k(w, xq, xd, xbs, out, col0, r0, r1, tab)
+    elif t == 13:
+        rows_q5_k(w, xq, xd, xbs, out, col0, r0, r1, tab)
+    elif t == 14:
+        rows_q6_k(w, xq, xd, xbs, out, col0, r0, r1, tab)
+    elif t == 0:
+        rows_f32(w, x, out, col0, r0, r1)
+    elif t == 1:
+        rows_f16(w, x, out, col0, r0, r1, tab)
+
+
+@njit(nogil=True, cache=True)
+def matmul_serial(w, t, x, out, col0, tab):
+    check(w, t, x, out, col0)
+    xq, xd, xbs, xs = quantize_x(t, x)
+    rows(t, w, x, xq, xd, xbs, xs, out, col0, 0, w.shape[0], tab)
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def matmul_parallel(w, t, x, out, col0, tab):
+    check(w, t, x, out, col0)
+    xq, xd, xbs, xs = quantize_x(t, x)
+    nrows = w.shape[0]
+    # numba's static schedule gives each thread one contiguous run of chunks (a sequential
+    # stream for the prefetcher); get_num_threads() here would defeat cache=True
+    for c in prange((nrows + ROW_CHUNK - 1) // ROW_CHUNK):
+        rows(t, w, x, xq, xd, xbs, xs, out, col0, c * ROW_CHUNK, min(nrows, (c + 1) * ROW_CHUNK), tab)

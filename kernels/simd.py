@@ -1,0 +1,337 @@
+"""LLVM vector IR, callable from @njit: 256-bit vector types and the few AVX2 operations the kernels need.
+
+Plain Numba cannot produce `vpmaddubsw` (it widens small integers to 64 bits and unrolls
+block loops before the vectorizer sees them), so each operation here is an
+`numba.extending.intrinsic` emitting LLVM IR directly.  Vectors are first-class Numba
+values (I8x32 = <32 x i8>, I32x8 = <8 x i32>, F32x8 = <8 x float>) kept in registers;
+memory is addressed by integer byte addresses (`arr.ctypes.data + offset`).
+
+The integer dot of 32 unsigned weights u with 32 signed int8 activations s is llama.cpp's
+AVX2 `mul_sum_us8_pairs`: vpmaddubsw (u*s pairs -> 16 x i16, no saturation for |u| < 128 or
+u <= 63 as used here) then vpmaddwd with ones (or per-16 scales) -> 8 x i32.
+
+Importing this module compiles nothing; only functions that use the AVX2 intrinsics need an
+AVX2 CPU, and __init__ selects them only on one.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic, models, register_model
+
+
+class Vec(types.Type):
+    def __init__(self, elem, count):
+        self.elem = elem
+        self.count = count
+        super().__init__(name=f"Vec({elem}x{count})")
+
+
+I8x32 = Vec(types.int8, 32)
+I32x8 = Vec(types.int32, 8)
+F32x8 = Vec(types.float32, 8)
+
+
+@register_model(Vec)
+class VecModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, ir.VectorType(dmm.lookup(fe_type.elem).get_value_type(), fe_type.count))
+
+
+_i8, _i16, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
+_v32i8 = ir.VectorType(_i8, 32)
+_v16i8 = ir.VectorType(_i8, 16)
+_v16i16 = ir.VectorType(_i16, 16)
+_v8i32 = ir.VectorType(_i32, 8)
+_v8f32 = ir.VectorType(_f32, 8)
+_v8f16 = ir.VectorType(ir.HalfType(), 8)
+
+
+def _fn(builder, name, ret, args):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
+
+
+def _ptr(builder, addr, ty):
+    return builder.inttoptr(addr, ty.as_pointer())
+
+
+def _load(builder, addr, ty, align=1):
+    return builder.load(_ptr(builder, addr, ty), align=align)
+
+
+def _splat(builder, val, vty):
+    v = builder.insert_element(ir.Constant(vty, None), val, ir.Constant(_i32, 0))
+    return builder.shuffle_vector(v, ir.Constant(vty, None), ir.Constant(ir.VectorType(_i32, vty.count), [0] * vty.count))
+
+
+def _as(context, builder, val, fromty, toty):
+    return context.cast(builder, val, fromty, toty)
+
+
+def _maddubs(builder, u, s):  # (32 x u8, 32 x i8) -> 16 x i16 pair sums
+    return builder.call(_fn(builder, "llvm.x86.avx2.pmadd.ub.sw", _v16i16, [_v32i8, _v32i8]), [u, s])
+
+
+def _maddwd(builder, a, b):  # (16 x i16, 16 x i16) -> 8 x i32 pair sums
+    return builder.call(_fn(builder, "llvm.x86.avx2.pmadd.wd", _v8i32, [_v16i16, _v16i16]), [a, b])
+
+
+# ---- loads ----
+
+@intrinsic
+def ld_i8x32(typingctx, addr):
+    """32 bytes at addr."""
+    def codegen(context, builder, sig, args):
+        return _load(builder, args[0], _v32i8)
+    return I8x32(types.intp), codegen
+
+
+@intrinsic
+def ld_nibbles16(typingctx, addr):
+    """16 bytes at addr -> 32 x u8: the 16 low nibbles, then the 16 high nibbles (Q4_0/Q4_1/Q5_0 order).
+
+    vbroadcasti128 + vpsrlvd (0 / 4 bits by 128-bit half) + vpand.
+    """
+    def codegen(context, builder, sig, args):
+        v = _load(builder, args[0], _v16i8)
+        both = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_i32, 32), list(range(16)) * 2))
+        sh = builder.lshr(builder.bitcast(both, _v8i32), ir.Constant(_v8i32, [0, 0, 0, 0, 4, 4, 4, 4]))
+        return builder.and_(builder.bitcast(sh, _v32i8), ir.Constant(_v32i8, [15] * 32))
+    return I8x32(types.intp), codegen
+
+
+@intrinsic
+def ld_f16(typingctx, addr):
+    """The IEEE half at addr as float32 (vcvtph2ps)."""
+    def codegen(context, builder, sig, args):
+        h = _load(builder, args[0], ir.HalfType(), align=1)
+        return builder.fpext(h, _f32)
+    return types.float32(types.intp), codegen
+
+
+@intrinsic
+def ld_f16x8(typingctx, addr):
+    """8 halves at addr -> 8 x float32."""
+    def codegen(context, builder, sig, args):
+        return builder.fpext(_load(builder, args[0], _v8f16), _v8f32)
+    return F32x8(types.intp), codegen
+
+
+@intrinsic
+def ld_f32x8(typingctx, addr):
+    def codegen(context, builder, sig, args):
+        return _load(builder, args[0], _v8f32)
+    return F32x8(types.intp), codegen
+
+
+@intrinsic
+def prefetch(typingctx, addr):
+    """Software prefetch of the cache line at addr into all levels (prefetcht0)."""
+    def codegen(context, builder, sig, args):
+        p = builder.inttoptr(args[0], _i8.as_pointer())
+        fn = _fn(builder, "llvm.prefetch.p0", ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32])
+        builder.call(fn, [p, ir.Constant(_i32, 0), ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
+        return context.get_dummy_value()
+    return types.none(types.intp), codegen
+
+
+# ---- byte ops ----
+
+@intrinsic
+def and_i8(typingctx, v, mask):
+    """v & mask (mask an integer splat to every byte)."""
+    def codegen(context, builder, sig, args):
+        m = _splat(builder, builder.trunc(_as(context, builder, args[1], sig.args[1], types.int64), _i8), _v32i8)
+        return builder.and_(args[0], m)
+    return I8x32(I8x32, types.int64), codegen
+
+
+@intrinsic
+def or_i8(typingctx, a, b):
+    def codegen(context, builder, sig, args):
+        return builder.or_(args[0], args[1])
+    return I8x32(I8x32, I8x32), codegen
+
+
+@intrinsic
+def srl_i8(typingctx, v, n):
+    """Every byte of v shifted right by n (done on 16-bit lanes: the caller masks away the neighbour's bits)."""
+    def codegen(context, builder, sig, args):
+        w = builder.bitcast(args[0], _v16i16)
+        sh = _splat(builder, builder.trunc(_as(context, builder, args[1], sig.args[1], types.int64), _i16), _v16i16)
+        return builder.bitcast(builder.lshr(w, sh), _v32i8)
+    return I8x32(I8x32, types.int64), codegen
+
+
+@intrinsic
+def sll_i8(typingctx, v, n):
+    """Every byte of v shifted left by n (on 16-bit lanes: the caller makes sure no bit crosses a byte)."""
+    def codegen(context, builder, sig, args):
+        w = builder.bitcast(args[0], _v16i16)
+        sh = _splat(builder, builder.trunc(_as(context, builder, args[1], sig.args[1], types.int64), _i16), _v16i16)
+        return builder.bitcast(builder.shl(w, sh), _v32i8)
+    return I8x32(I8x32, types.int64), codegen
+
+
+@intrinsic
+def bits32_to_bytes(typingctx, bits, value):
+    """u32 bits -> 32 bytes: byte i is `value` where bit i is set, else 0 (Q5_0's fifth bits)."""
+    def codegen(context, builder, sig, args):
+        b = builder.trunc(_as(context, builder, args[0], sig.args[0], types.int64), _i32)
+        mask = builder.bitcast(b, ir.VectorType(ir.IntType(1), 32))
+        val = _splat(builder, builder.trunc(_as(context, builder, args[1], sig.args[1], types.int64), _i8), _v32i8)
+        return builder.select(mask, val, ir.Constant(_v32i8, None))
+    return I8x32(types.int64, types.int64), codegen
+
+
+@intrinsic
+def select_bit(typingctx, v, mask, value):
+    """Per byte: `value` where v & mask != 0, else 0 (Q5_K's fifth bits)."""
+    def codegen(context, builder, sig, args):
+        m = _splat(builder, builder.trunc(_as(context, builder, args[1], sig.args[1], types.int64), _i8), _v32i8)
+        val = _splat(builder, builder.trunc(_as(context, builder, args[2], sig.args[2], types.int64), _i8), _v32i8)
+        set_ = builder.icmp_unsigned("!=", builder.and_(args[0], m), ir.Constant(_v32i8, None))
+        return builder.select(set_, val, ir.Constant(_v32i8, None))
+    return I8x32(I8x32, types.int64, types.int64), codegen
+
+
+# ---- integer dots ----
+
+@intrinsic
+def dot_us(typingctx, u, xaddr):
+    """32 unsigned weight bytes (< 128) . 32 int8 activations at xaddr -> 8 x i32 partial sums."""
+    def codegen(context, builder, sig, args):
+        p = _maddubs(builder, args[0], _load(builder, args[1], _v32i8))
+        return _maddwd(builder, p, ir.Constant(_v16i16, [1] * 16))
+    return I32x8(I8x32, types.intp), codegen
+
+
+@intrinsic
+def dot_ss(typingctx, s8, xaddr):
+    """32 signed weight bytes . 32 int8 activations (|x| <= 127) -> 8 x i32: |w| . sign(x, w)."""
+    def codegen(context, builder, sig, args):
+        w = args[0]
+        x = _load(builder, args[1], _v32i8)
+        absw = builder.call(_fn(builder, "llvm.abs.v32i8", _v32i8, [_v32i8, ir.IntType(1)]), [w, ir.Constant(ir.IntType(1), 0)])
+        sx = builder.call(_fn(builder, "llvm.x86.avx2.psign.b", _v32i8, [_v32i8, _v32i8]), [x, w])
+        return _maddwd(builder, _maddubs(builder, absw, sx), ir.Constant(_v16i16, [1] * 16))
+    return I32x8(I8x32, types.intp), codegen
+
+
+@intrinsic
+def dot_us_scaled(typingctx, u, xaddr, s_lo, s_hi):
+    """Sum over the first 16 (u*x) times s_lo plus the last 16 times s_hi -> 8 x i32 (K-quant scales)."""
+    def codegen(context, builder, sig, args):
+        p = _maddubs(builder, args[0], _load(builder, args[1], _v32i8))
+        lo = _splat(builder, builder.trunc(_as(context, builder, args[2], sig.args[2], types.int64), _i16), _v16i16)
+        hi = _splat(builder, builder.trunc(_as(context, builder, args[3], sig.args[3], types.int64), _i16), _v16i16)
+        sc = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_i32, 16), list(range(8)) + list(range(24, 32))))
+        return _maddwd(builder, p, sc)
+    return I32x8(I8x32, types.intp, types.int64, types.int64), codegen
+
+
+@intrinsic
+def dot_us_off_scaled(typingctx, u, xaddr, off, s_lo, s_hi):
+    """As dot_us_scaled with weights u - off: maddubs(u, x) - maddubs(off, x) in 16 bits (Q6_K's -32)."""
+    def codegen(context, builder, sig, args):
+        x = _load(builder, args[1], _v32i8)
+        o = _splat(builder, builder.trunc(_as(context, builder, args[2], sig.args[2], types.int64), _i8), _v32i8)
+        p = builder.sub(_maddubs(builder, args[0], x), _maddubs(builder, o, x))
+        lo = _splat(builder, builder.trunc(_as(context, builder, args[3], sig.args[3], types.int64), _i16), _v16i16)
+        hi = _splat(builder, builder.trunc(_as(context, builder, args[4], sig.args[4], types.int64), _i16), _v16i16)
+        sc = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_i32, 16), list(range(8)) + list(range(24, 32))))
+        return _maddwd(builder, p, sc)
+    return I32x8(I8x32, types.intp, types.int64, types.int64, types.int64), codegen
+
+
+# ---- int32 / float lanes ----
+
+@intrinsic
+def zero_i32x8(typingctx):
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_v8i32, None)
+    return I32x8(), codegen
+
+
+@intrinsic
+def add_i32x8(typingctx, a, b):
+    def codegen(context, builder, sig, args):
+        return builder.add(args[0], args[1])
+    return I32x8(I32x8, I32x8), codegen
+
+
+@intrinsic
+def add_lane0(typingctx, v, s):
+    """v with the integer s added to lane 0 (folds a block's offset term into its integer sum)."""
+    def codegen(context, builder, sig, args):
+        s32 = builder.trunc(_as(context, builder, args[1], sig.args[1], types.int64), _i32)
+        return builder.add(args[0], builder.insert_element(ir.Constant(_v8i32, None), s32, ir.Constant(_i32, 0)))
+    return I32x8(I32x8, types.int64), codegen
+
+
+@intrinsic
+def zero_f32x8(typingctx):
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_v8f32, None)
+    return F32x8(), codegen
+
+
+@intrinsic
+def fma_i(typingctx, acc, v, s):
+    """acc + float(v) * s, lane-wise (s a float32 splat)."""
+    def codegen(context, builder, sig, args):
+        f = builder.sitofp(args[1], _v8f32)
+        sp = _splat(builder, args[2], _v8f32)
+        return builder.call(_fn(builder, "llvm.fma.v8f32", _v8f32, [_v8f32] * 3), [f, sp, args[0]])
+    return F32x8(F32x8, I32x8, types.float32), codegen
+
+
+@intrinsic
+def fma_f(typingctx, acc, a, b):
+    """acc + a * b, lane-wise."""
+    def codegen(context, builder, sig, args):
+        return builder.call(_fn(builder, "llvm.fma.v8f32", _v8f32, [_v8f32] * 3), [args[1], args[2], args[0]])
+    return F32x8(F32x8, F32x8, F32x8), codegen
+
+
+@intrinsic
+def add_f32x8(typingctx, a, b):
+    def codegen(context, builder, sig, args):
+        return builder.fadd(args[0], args[1])
+    return F32x8(F32x8, F32x8), codegen
+
+
+@intrinsic
+def hsum_f32x8(typingctx, v):
+    """Sum of the 8 lanes as float32 (pairwise: (0+4)+(2+6) + (1+5)+(3+7))."""
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        m = lambda idx: ir.Constant(ir.VectorType(_i32, len(idx)), idx)  # noqa: E731
+        a = builder.fadd(builder.shuffle_vector(v, v, m([0, 1, 2, 3])), builder.shuffle_vector(v, v, m([4, 5, 6, 7])))
+        b = builder.fadd(builder.shuffle_vector(a, a, m([0, 1])), builder.shuffle_vector(a, a, m([2, 3])))
+        return builder.fadd(builder.extract_element(b, ir.Constant(_i32, 0)), builder.extract_element(b, ir.Constant(_i32, 1)))
+    return types.float32(F32x8), codegen
+
+
+@intrinsic
+def ld_u32(typingctx, addr):
+    """The little-endian u32 at addr, as int64."""
+    def codegen(context, builder, sig, args):
+        return builder.zext(_load(builder, args[0], _i32), _i64)
+    return types.int64(types.intp), codegen
+
+
+@intrinsic
+def ld_f32(typingctx, addr):
+    def codegen(context, builder, sig, args):
+        return _load(builder, args[0], _f32, align=4)
+    return types.float32(types.intp), codegen
+
+
+@intrinsic
+def add_i32x8_ld(typingctx, v, addr):
+    """v + the 8 x i32 at addr."""
+    def codegen(context, builder, sig, args):
+        return builder.add(args[0], _load(builder, args[1], _v8i32, align=4))
+    return I32x8(I32x8, types.intp), codegen

