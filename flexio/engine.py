@@ -1,10 +1,23 @@
-"""Prompt -> streamed text: tokenizer, weight store, forward passes on a compute thread, sampling.
+"""Prompt -> streamed text: plan, arena, weight stream, forward passes on a compute thread, sampling.
 
 `Engine` is the async API (`async with Engine(...) as e: async for piece in e.generate(...)`);
-`generate()` at the bottom is the synchronous wrapper for scripts. Forward passes
-run on one dedicated compute thread (Numba kernels release the GIL), so the event
-loop stays free for the application and for weight I/O. Two generations on one
-engine are serialised by a lock, never interleaved.
+`generate()` at the bottom is the synchronous wrapper for scripts.
+
+Threads and tasks
+  One compute thread runs forward passes (Numba kernels release the GIL). The
+  event loop owns the I/O: a pump task (in the engine's TaskGroup) keeps the plan's
+  window of stages in flight through the io_uring reader. The two meet in the
+  StageStream's counters. Two generations on one engine are serialised by a lock.
+
+Modes (one flag each, same forward pass, token-identical greedy output):
+  memory         every tensor resident (locked arena)
+  flexinfer      balanced locking + flexible preservation (policy) + prefetch window
+  no-preserve    balanced locking, fixed policy (same fraction of every tensor)
+  no-balance     whole layers locked (the first ones), the rest prefetched
+  prefetch-only  nothing locked beyond the window, prefetched
+  no-prefetch    balanced + preservation, window 1 (read when needed)
+  sync           nothing locked, window 1 (read each layer when needed, no overlap)
+  mmap           llama.cpp's way: views of an mmap, the page cache decides
 """
 
 from __future__ import annotations
@@ -14,14 +27,19 @@ import os
 import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
 import numba
 import numpy as np
 
+from .arena import Arena
 from .fetch import model_path
-from .gguf import GGUFFile, open_gguf
-from .model import GlobalWeights, KVCache, Model, layer_weights, vector, weight
+from .gguf import open_gguf
+from .model import LAYER_FIELDS, KVCache, LayerWeights, Model, Weight, vector, weight
+from .plan import MODES, CostModel, Plan, plan_budget
+from .prefetch import StageStream
+from .reader import Reader
 from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -45,44 +63,33 @@ class GenerationStats:
         return n / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 
-class MemoryStore:
-    """Every tensor resident in RAM: the `memory` mode (and the in-memory reference)."""
-
-    def __init__(self, gf: GGUFFile):
-        self.gf = gf
-        raw = {t.name: gf.read_tensor_bytes(t) for t in gf.tensors}
-        self._layers = []
-        for i in range(gf.config.n_layer):
-            ts = {t.role: (t, [(0, raw[t.name])]) for t in gf.layer_tensors(i)}
-            self._layers.append(layer_weights(ts))
-        bn = gf.by_name
-        emb = weight(bn["token_embd.weight"], [(0, raw["token_embd.weight"])])
-        out = emb if gf.config.tied_output else weight(bn["output.weight"], [(0, raw["output.weight"])])
-        self.globals = GlobalWeights(emb, vector(bn["output_norm.weight"], raw["output_norm.weight"]), out)
-
-    def layer(self, i: int):
-        return self._layers[i]
-
-    def close(self) -> None:
-        self._layers = []
-
-
 class Engine:
     """Load a GGUF model and generate text from it.
 
-    model: a path to a .gguf file or a known model name ("smollm2", fetched on first use).
-    threads: compute threads (default: all cores). n_ctx: context length (default min(train ctx, 4096)).
+    model: a .gguf path or a known model name ("smollm2", fetched on first use).
+    budget: bytes (or "1.5GiB", "25%") of memory for weights; None = the whole model (mode "memory").
+    window: stages (layers) kept in flight ahead of compute. policy: "auto", "ffn", "attn", "mixed".
+    mode: see the module docstring. threads: compute threads (default: all cores).
+    n_ctx: context length (default min(train ctx, 4096)). io_backend: "auto", "io_uring", "threads".
     """
 
-    def __init__(self, model: str, *, threads: int | None = None, n_ctx: int | None = None, mode: str = "memory"):
-        if mode != "memory":
-            raise ValueError(f"unknown mode {mode!r}")
+    def __init__(self, model: str, *, budget: int | str | None = None, window: int = 3, policy: str = "auto",
+                 mode: str | None = None, threads: int | None = None, n_ctx: int | None = None,
+                 io_backend: str = "auto", cost: CostModel | None = None, lock: bool = True):
+        mode = mode or ("memory" if budget is None else "flexinfer")
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
         self.model_ref = model
+        self.budget, self.window, self.policy, self.mode = budget, window, policy, mode
         self.threads = threads or os.cpu_count() or 1
-        self.mode = mode
+        self.io_backend, self.cost, self.lock = io_backend, cost, lock
         self._n_ctx = n_ctx
         self._lock = asyncio.Lock()
         self._pool: ThreadPoolExecutor | None = None
+        self._stack: AsyncExitStack | None = None
+        self.stream: StageStream | None = None
+        self.reader: Reader | None = None
+        self.arena: Arena | None = None
         self.stats: GenerationStats | None = None
 
     # --- lifecycle --------------------------------------------------------------
@@ -97,29 +104,85 @@ class Engine:
     async def open(self) -> None:
         path = model_path(self.model_ref)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flexio-compute")
+        self._stack = AsyncExitStack()
         try:
             await self._run(self._load, path)
+            if self.stream.slots:
+                tg = await self._stack.enter_async_context(asyncio.TaskGroup())
+                self._pump = tg.create_task(self.stream.pump(), name="flexio-pump")
         except BaseException:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+            await self.close()
             raise
 
     def _load(self, path: str) -> None:
         numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
-        self.gguf = open_gguf(path)
-        self.config = self.gguf.config
-        self.tokenizer = Tokenizer.from_gguf(self.gguf)
+        self.gguf = gf = open_gguf(path)
+        self.config = gf.config
+        self.tokenizer = Tokenizer.from_gguf(gf)
         self.n_ctx = min(self._n_ctx or min(self.config.n_ctx_train, 4096), self.config.n_ctx_train)
         self.model = Model(self.config, self.n_ctx)
-        self.store = MemoryStore(self.gguf)
+        budget = self.budget if self.budget is not None else sum(t.nbytes for t in gf.tensors) * 2
+        self.plan: Plan = plan_budget(gf, budget, window=self.window, policy=self.policy, mode=self.mode,
+                                      cost=self.cost)
+        if self.mode != "mmap":
+            # the plan's total counts every buffer padded as the arena pads it; the first slot may need
+            # up to a page to reach 4096 alignment, and an all-resident streaming plan keeps 1-page slots
+            self.arena = Arena(self.plan.total_bytes + 4096 * (self.plan.window + 1), name="weights", lock=self.lock)
+        if self.plan.streams:
+            self.reader = Reader(path, backend=self.io_backend).open()
+        self.stream = StageStream(gf, self.plan, self.reader, self.arena)
+        self._emb_fd = os.open(path, os.O_RDONLY)
+        self._build_weights()
+        self._seq = 0  # stages consumed so far, across passes (the StageStream's sequence)
+
+    def _build_weights(self) -> None:
+        """One weight object per (stage, slot): views made once, reused every pass."""
+        st = self.stream
+        self._weights = []
+        for s in self.plan.stages:
+            per_slot = []
+            for j in range(st.n_slots):
+                parts = st.stage_parts(s.index, j)
+                if s.name.startswith("layer"):
+                    fields = {LAYER_FIELDS[t.role]: weight(t, p) for t, p in parts}
+                    layer = parts[0][0].layer
+                    for t in self.gguf.layer_tensors(layer):
+                        if len(t.shape) == 1 and t.role in LAYER_FIELDS:
+                            fields[LAYER_FIELDS[t.role]] = vector(t, st.vector(t.name))
+                    per_slot.append(LayerWeights(**fields))
+                else:  # a head chunk: rows numbered in the full vocabulary
+                    per_slot.append([Weight(t.name, t.ggml_type, t.n_rows, t.row_len, p) for t, p in parts])
+            self._weights.append(per_slot)
+        norm = self.gguf.by_name["output_norm.weight"]
+        self._output_norm = vector(norm, st.vector(norm.name))
 
     async def close(self) -> None:
-        if self._pool is None:
-            return
-        async with self._lock:
+        """Stop the pump, wait for the compute thread, release arena, reader and fds."""
+        if self.stream is not None:
+            self.stream.abort()  # wakes a compute thread blocked on a stage that will never come
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            if getattr(self, "_pump", None) is not None:
+                self._pump.cancel()
+            await stack.aclose()
+            self._pump = None  # a cancelled task keeps its frames (and their buffer views) alive
+        if self._pool is not None:
             pool, self._pool = self._pool, None
-            pool.submit(self.store.close)
-            pool.shutdown(wait=True)
+            await asyncio.get_running_loop().run_in_executor(None, pool.shutdown, True)
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+        self._weights = []
+        self._output_norm = None
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+        if self.arena is not None:
+            self.arena.close()
+            self.arena = None
+        if getattr(self, "_emb_fd", None) is not None:
+            os.close(self._emb_fd)
+            self._emb_fd = None
 
     async def _run(self, fn, *args):
         if self._pool is None:
@@ -129,15 +192,34 @@ class Engine:
     # --- forward pass (compute thread) ----------------------------------------------
 
     def forward(self, tokens: Sequence[int], cache: KVCache) -> np.ndarray:
-        """Run tokens (at positions cache.pos..) through every layer; return the last token's logits."""
-        n = len(tokens)
-        pos0 = cache.pos
+        """Run tokens (at positions cache.pos..) through every stage; return the last token's logits."""
+        ids = np.asarray(tokens, dtype=np.int64)
+        vocab = self.config.vocab_size
+        if ids.size == 0 or ids.min() < 0 or ids.max() >= vocab:
+            raise ValueError(f"token ids must be in [0, {vocab}), got {tokens!r:.80}")
+        n, pos0 = ids.size, cache.pos
         cache.reserve(pos0 + n)
-        x = self.model.embed(self.store.globals, np.asarray(tokens))
-        for i in range(self.config.n_layer):
-            self.model.layer(i, self.store.layer(i), x, cache, pos0)
+        emb = self.plan.embedding
+        raw, local = self.stream.embed_rows(ids, self._emb_fd)
+        x = self.model.embed(Weight(emb.name, emb.ggml_type, raw.shape[0], emb.row_len, [(0, raw)]), local)
+        st, model = self.stream, self.model
+        h = logits = None
+        for s in self.plan.stages:
+            stage, slot = st.acquire(self._seq)
+            w = self._weights[stage][slot]
+            if isinstance(w, LayerWeights):
+                model.layer(stage, w, x, cache, pos0)
+            else:
+                if h is None:
+                    h = model.final_norm(self._output_norm, x[-1:])
+                    logits = np.empty((1, vocab), np.float32)
+                for chunk in w:
+                    chunk.matmul(h, logits)
+            st.release(self._seq)
+            self._seq += 1
+        st.passes += 1
         cache.pos = pos0 + n
-        return self.model.logits(self.store.globals, x[-1:])
+        return logits[0]
 
     # --- generation -------------------------------------------------------------
 

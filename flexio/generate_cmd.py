@@ -8,6 +8,7 @@ import json
 import sys
 
 from .fetch import DEFAULT_MODEL
+from .plan import MODES, POLICIES
 from .sampling import SamplingParams
 
 
@@ -23,6 +24,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
     p.add_argument("--ctx", type=int, default=None, help="context length (default: min(train ctx, 4096))")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    p.add_argument("--budget", default=None,
+                   help="memory for weights, e.g. 1.5GiB, 800MB, 25%% (default: the whole model, mode memory)")
+    p.add_argument("--mode", default=None, choices=MODES, help="weight residency mode (default: flexinfer with "
+                   "--budget, else memory)")
+    p.add_argument("--window", type=int, default=3, help="layers prefetched ahead of compute (default: %(default)s)")
+    p.add_argument("--policy", default="auto", choices=POLICIES, help="which tensors stay resident (default: auto)")
+    p.add_argument("--io-backend", default="auto", choices=("auto", "io_uring", "threads"))
+    p.add_argument("--show-plan", action="store_true", help="print the memory plan to stderr before generating")
 
 
 async def _generate(args: argparse.Namespace) -> dict:
@@ -30,7 +39,10 @@ async def _generate(args: argparse.Namespace) -> dict:
     from .tokenizer import StreamDecoder
 
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    async with Engine(args.model, threads=args.threads, n_ctx=args.ctx) as e:
+    async with Engine(args.model, threads=args.threads, n_ctx=args.ctx, budget=args.budget, mode=args.mode,
+                      window=args.window, policy=args.policy, io_backend=args.io_backend) as e:
+        if args.show_plan:
+            print(e.plan.describe(), file=sys.stderr)
         prompt_ids = e.prompt_tokens(args.prompt, chat=args.chat)
         tokens: list[int] = []
         dec = StreamDecoder(e.tokenizer)
@@ -53,6 +65,10 @@ async def _generate(args: argparse.Namespace) -> dict:
             "decode_tok_s": round(st.decode_tok_s, 2),
             "threads": e.threads,
             "mode": e.mode,
+            "policy": e.plan.policy,
+            "budget_bytes": e.plan.budget if e.budget is not None else None,
+            "streamed_bytes_per_token": e.plan.streamed_bytes_per_token,
+            "io_backend": e.reader.backend if e.reader else None,
         }
 
 

@@ -170,17 +170,17 @@ class Model:
             s = self._scratch[n] = Scratch(self.cfg, n, self.n_ctx)
         return s
 
-    def embed(self, g: GlobalWeights, tokens: np.ndarray) -> np.ndarray:
-        """tokens (n,) int -> x (n, d) f32."""
-        ids = np.ascontiguousarray(tokens, dtype=np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= g.token_embd.rows):
-            raise ValueError(f"token id out of range [0, {g.token_embd.rows})")
+    def embed(self, emb: Weight, ids: np.ndarray) -> np.ndarray:
+        """Row ids (n,) of the embedding weight -> x (n, d) f32 (a new array)."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
         x = np.empty((ids.size, self.cfg.n_embd), np.float32)
-        for row0, raw in g.token_embd.parts:
+        for row0, raw in emb.parts:
             sel = np.nonzero((ids >= row0) & (ids < row0 + raw.shape[0]))[0]
-            if sel.size:
+            if sel.size == ids.size:
+                dequantize_rows(raw, emb.ggml_type, ids - row0, x)
+            elif sel.size:
                 out = np.empty((sel.size, self.cfg.n_embd), np.float32)
-                dequantize_rows(raw, g.token_embd.ggml_type, ids[sel] - row0, out)
+                dequantize_rows(raw, emb.ggml_type, ids[sel] - row0, out)
                 x[sel] = out
         return x
 
@@ -213,10 +213,15 @@ class Model:
         w.wd.matmul(s.g, s.o)
         ops.add_inplace(x, s.o)
 
+    def final_norm(self, norm: np.ndarray, x_last: np.ndarray) -> np.ndarray:
+        """x_last (1, d) -> the normalised hidden state (1, d) the output head multiplies."""
+        h = np.empty_like(x_last)
+        ops.rmsnorm(x_last, norm, self.cfg.norm_eps, h)
+        return h
+
     def logits(self, g: GlobalWeights, x_last: np.ndarray) -> np.ndarray:
         """x_last (1, d) -> logits (vocab,) f32 (a new array)."""
-        h = np.empty_like(x_last)
-        ops.rmsnorm(x_last, g.output_norm, self.cfg.norm_eps, h)
+        h = self.final_norm(g.output_norm, x_last)
         out = np.empty((1, g.output.rows), np.float32)
         g.output.matmul(h, out)
         return out[0]

@@ -240,7 +240,10 @@ class StageStream:
             if reads:
                 slot = self.slots[seq % self.window]
                 try:
-                    await self.reader.read_many([(off, nb, slot.view[pos : pos + nb]) for off, nb, pos, _ in reads])
+                    # the last tensor's span may end past EOF: O_DIRECT reads whole blocks up to EOF
+                    size = self.reader.size
+                    await self.reader.read_ranges(
+                        [(off, min(nb, size - off), slot.view[pos : pos + nb]) for off, nb, pos, _ in reads])
                 except asyncio.CancelledError:
                     raise
                 except Exception as e:  # I/O error: hand it to the compute thread, which raises it
@@ -271,6 +274,10 @@ class StageStream:
         return StreamStats(self.passes, self.loaded, self.bytes_read, self.wait_s)
 
     def close(self) -> None:
+        """Drop every view of arena memory, then give the buffers back (the arena can then unmap)."""
+        self._resident.clear()
+        self._vectors.clear()
+        self._emb = None
         for b in self._bufs:
             b.release()
         self._bufs = []

@@ -15,11 +15,83 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange
+from numba.core import cgutils, types
+from numba.extending import intrinsic
 
 from .actq import f16round
 
 F16_TO_F32 = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)  # (65536,)
+
+
+# --- scalar float32 primitives with exact rounding -------------------------------------
+# Numba keeps float32 arithmetic in float32 and never contracts a*b+c (no fastmath), so these
+# three are all that is needed to replay ggml's SIMD float code lane by lane.
+
+@intrinsic
+def fmaf(typingctx, a, b, c):
+    """a * b + c rounded once (llvm.fma.f32)."""
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        f = ir.FloatType()
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f, [f, f, f]), "llvm.fma.f32")
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
+@intrinsic
+def f32_bits(typingctx, x):
+    sig = types.int32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@intrinsic
+def bits_f32(typingctx, x):
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+_F = np.float32
+# ggml_v_expf's constants, as written there in hex-float
+_EXP_LOG2E, _EXP_LN2_HI, _EXP_LN2_LO = (_F(float.fromhex(h)) for h in ("0x1.715476p+0", "0x1.62e4p-1", "0x1.7f7d1cp-20"))
+_EXP_C = tuple(_F(float.fromhex(h)) for h in ("0x1.0e4020p-7", "0x1.573e2ep-5", "0x1.555e66p-3", "0x1.fffdb6p-2",
+                                               "0x1.ffffecp-1"))
+_EXP_C0, _EXP_C1, _EXP_C2, _EXP_C3, _EXP_C4 = _EXP_C
+
+
+@njit(nogil=True, cache=True, inline="always")
+def v_expf(x):
+    """exp(x) exactly as one lane of ggml's AVX2 `ggml_v_expf` (ARM optimized-routines algorithm,
+    max error 1.45 ulp): the same float32 operations in the same order, so the results match bit
+    for bit. llama.cpp's softmax and SiLU use it; libm's expf differs in the last bit now and then."""
+    x = _F(x)
+    r = _F(12582912.0)  # 0x1.8p23
+    z = fmaf(x, _EXP_LOG2E, r)
+    n = z - r
+    b = fmaf(-n, _EXP_LN2_LO, fmaf(-n, _EXP_LN2_HI, x))
+    e = f32_bits(z) << 23
+    k = bits_f32(e + f32_bits(_F(1.0)))
+    u = b * b
+    j = fmaf(fmaf(fmaf(_EXP_C0, b, _EXP_C1), u, fmaf(_EXP_C2, b, _EXP_C3)), u, _EXP_C4 * b)
+    if not abs(n) > _F(126.0):
+        return fmaf(k, j, k)
+    g = np.int32(-2113929216) if n <= _F(0.0) else np.int32(0)  # 0x82000000
+    s1 = bits_f32(g + np.int32(0x7F000000))
+    s2 = bits_f32(e - g)
+    if abs(n) > _F(192.0):
+        return s1 * s1
+    return fmaf(s2, j, s2) * s1
 
 
 @njit(nogil=True, cache=True)
@@ -98,6 +170,12 @@ def rope_tables(n_ctx: int, rope_dim: int, base: float) -> tuple[np.ndarray, np.
     return np.cos(th).astype(f32), np.sin(th).astype(f32)
 
 
+@njit(nogil=True, cache=True, inline="always")
+def hsum8(a, o):
+    """Sum of the 8 lanes a[o:o+8] in the order of x86 `hsum_float_8` (128-bit halves, movehl, movehdup)."""
+    return ((a[o] + a[o + 4]) + (a[o + 2] + a[o + 6])) + ((a[o + 1] + a[o + 5]) + (a[o + 3] + a[o + 7]))
+
+
 @njit(nogil=True, cache=True, parallel=True)
 def attention(q, kcache, vcache, pos0, n_heads, n_kv_heads, head_dim, f16, scores, out):
     """Causal softmax attention of n queries at positions pos0.. over cache rows 0..pos0+n-1.
@@ -105,10 +183,18 @@ def attention(q, kcache, vcache, pos0, n_heads, n_kv_heads, head_dim, f16, score
     q: (n, n_heads * head_dim) f32; kcache, vcache: (n_ctx, n_kv_heads * head_dim) uint16;
     f16: the f16 -> f32 table; scores: (n * n_heads, >= pos0 + n) f32 scratch;
     out: (n, n_heads * head_dim) f32.  Query head h reads kv head h // (n_heads / n_kv_heads).
+
+    The arithmetic replays llama.cpp's CPU graph (no flash attention) on AVX2 operation by
+    operation: q rounded to f16; q.k as its F16 x F16 tile kernel (one 8-lane FMA accumulator,
+    then hsum8); scale; softmax with ggml_v_expf, summed per 8 lanes in double; probabilities
+    rounded to f16; p.v the same way over positions.
+    Matching its rounding keeps greedy decoding on llama.cpp's tokens even where the model
+    amplifies one-ulp differences.
     """
     n = q.shape[0]
     group = n_heads // n_kv_heads
     scale = np.float32(1.0 / math.sqrt(head_dim))
+    accs = np.empty((n * n_heads, 8), np.float32)
     for job in prange(n * n_heads):
         i = job // n_heads
         h = job % n_heads
@@ -116,37 +202,49 @@ def attention(q, kcache, vcache, pos0, n_heads, n_kv_heads, head_dim, f16, score
         qo = h * head_dim
         T = pos0 + i + 1
         s = scores[job]
+        acc = accs[job]
         mx = np.float32(-np.inf)
         for t in range(T):
-            acc = np.float32(0.0)
+            acc[:] = 0.0
             for d in range(head_dim):
-                acc += f16round(q[i, qo + d]) * f16[kcache[t, kvo + d]]
-            acc *= scale
-            s[t] = acc
-            if acc > mx:
-                mx = acc
-        tot = 0.0
+                acc[d % 8] = fmaf(f16[kcache[t, kvo + d]], f16round(q[i, qo + d]), acc[d % 8])
+            v = hsum8(acc, 0) * scale
+            s[t] = v
+            if v > mx:
+                mx = v
+        total = 0.0
+        for c0 in range(0, T, 8):  # 8-lane chunks; lanes past T hold exp(-inf) = 0
+            e = np.zeros(8, np.float32)
+            for lane in range(min(8, T - c0)):
+                e[lane] = v_expf(s[c0 + lane] - mx)
+                s[c0 + lane] = e[lane]
+            total += np.float64(((e[0] + e[4]) + (e[2] + e[6])) + ((e[1] + e[5]) + (e[3] + e[7])))
+        inv = np.float32(1.0 / total)
         for t in range(T):
-            e = np.float32(math.exp(s[t] - mx))
-            s[t] = e
-            tot += e
-        inv = np.float32(1.0 / tot)
+            s[t] = f16round(s[t] * inv)
         for d in range(head_dim):
-            out[i, qo + d] = 0.0
-        for t in range(T):
-            p = f16round(s[t] * inv)
-            for d in range(head_dim):
-                out[i, qo + d] += p * f16[vcache[t, kvo + d]]
+            acc[:] = 0.0
+            for t in range(T):
+                acc[t % 8] = fmaf(f16[vcache[t, kvo + d]], s[t], acc[t % 8])
+            out[i, qo + d] = hsum8(acc, 0)
 
 
 @njit(nogil=True, cache=True)
 def swiglu(gate, up):
-    """gate[i] = silu(gate[i]) * up[i] in place.   gate, up: (n, m) f32."""
+    """gate[i] = silu(gate[i]) * up[i] in place.   gate, up: (n, m) f32.
+
+    As ggml_vec_swiglu_f32 on AVX2: x / (1 + ggml_v_expf(0 - x)) in 8-wide chunks, libm expf for
+    the tail.
+    """
     n, m = gate.shape
+    main = m - m % 8
     for i in range(n):
-        for j in range(m):
+        for j in range(main):
             g = gate[i, j]
-            gate[i, j] = g / (np.float32(1.0) + np.float32(math.exp(-g))) * up[i, j]
+            gate[i, j] = (g / (np.float32(1.0) + v_expf(np.float32(0.0) - g))) * up[i, j]
+        for j in range(main, m):
+            g = gate[i, j]
+            gate[i, j] = (g / (np.float32(1.0) + np.float32(math.exp(-g)))) * up[i, j]
 
 
 @njit(nogil=True, cache=True)
