@@ -5,9 +5,11 @@
 
 Decode (n = 1) is memory-bound, so each figure is compared with the ceiling: summing the
 weight bytes as uint64 words with the same thread count, measured in the same run,
-interleaved with the kernel (the machine is shared), medians of --reps.  Weights are
+interleaved with the kernel (the machine is shared): gbps and ceiling_gbps are medians of
+--reps, ratio is the median of back-to-back (ceiling time / kernel time) pairs.  Weights are
 cycled through enough copies to exceed twice the L3, so both read from DRAM.  Prefill
-lines time n columns at once against n single-column calls.  JIT warm-up is excluded.
+lines time n columns at once against n single-column calls on the same (warm, in-L3 for
+4096 x 4096) weight, so the speed-up is a lower bound.  JIT warm-up is excluded.
 """
 
 from __future__ import annotations
@@ -83,22 +85,27 @@ def bench_decode(t, rows, k, threads, backends, reps, rng):
                 fk.matmul(c, t, x, out)
         for c in copies:
             read_ceiling(c.reshape(-1).view(np.uint64))
+        pair_ratios = {b: [] for b in backends}
         i = 0
         for _ in range(reps):
-            for b in backends:
+            for b in backends:  # kernel and ceiling back to back: the pair sees the same machine load
                 fk.set_backend(b)
                 c = copies[i % len(copies)]
                 i += 1
-                times[b].append(timed(lambda: fk.matmul(c, t, x, out)))
+                tk = timed(lambda: fk.matmul(c, t, x, out))
                 c = copies[i % len(copies)].reshape(-1).view(np.uint64)
                 i += 1
-                ceil_times.append(timed(lambda: read_ceiling(c)))
+                tc = timed(lambda: read_ceiling(c))
+                times[b].append(tk)
+                ceil_times.append(tc)
+                pair_ratios[b].append(tc / tk)
         ceil = statistics.median(ceil_times)
         for b in backends:
             ms = statistics.median(times[b])
             lines.append(dict(kind="decode", type=LAYOUTS[t].name, rows=rows, k=k, n=1, threads=nth, backend=b,
                               ms=round(ms * 1e3, 4), gbps=round(nbytes / ms / 1e9, 2),
-                              ceiling_gbps=round(nbytes / ceil / 1e9, 2), ratio=round(ceil / ms, 3)))
+                              ceiling_gbps=round(nbytes / ceil / 1e9, 2),
+                              ratio=round(statistics.median(pair_ratios[b]), 3)))
     return lines
 
 
@@ -119,6 +126,33 @@ def bench_prefill(t, rows, k, n, threads, backends, reps, rng):
                               ms=round(batched * 1e3, 3), ms_n_matvecs=round(single * n * 1e3, 3),
                               speedup=round(single * n / batched, 2),
                               gflops=round(2 * rows * k * n / batched / 1e9, 2)))
+    return lines
+
+
+def bench_threshold(backends, reps):
+    """Serial vs threaded kernel on small Q4_1 / Q4_0 matrices: where PARALLEL_MIN_BYTES should sit."""
+    from flexio_kernels import portable
+
+    rng = np.random.default_rng(2)
+    lines = []
+    for b in backends:
+        fk.set_backend(b)
+        for t, rows, k in [(3, 48, 576), (3, 96, 576), (3, 192, 576), (3, 288, 576), (3, 576, 576), (2, 576, 1536),
+                           (2, 1536, 576), (2, 2048, 2048)]:
+            w = random_weights(rng, t, rows, k)
+            x = rng.standard_normal((1, k)).astype(np.float32)
+            out = np.empty((1, rows), np.float32)
+            best = {}
+            for _ in range(reps):
+                for name, fn in (("serial", fk._serial), ("parallel", fk._parallel)):
+                    fn(w, t, x, out, 0, portable.F16_TO_F32)
+                    t0 = time.perf_counter()
+                    for _ in range(20):
+                        fn(w, t, x, out, 0, portable.F16_TO_F32)
+                    best[name] = min(best.get(name, 1e9), (time.perf_counter() - t0) / 20)
+            lines.append(dict(kind="threshold", type=LAYOUTS[t].name, rows=rows, k=k, bytes=w.nbytes, backend=b,
+                              threads=numba.get_num_threads(), serial_us=round(best["serial"] * 1e6, 2),
+                              parallel_us=round(best["parallel"] * 1e6, 2)))
     return lines
 
 
@@ -151,12 +185,17 @@ def main(argv=None):
     ap.add_argument("--shapes", nargs="+", default=["4096x4096", "11008x4096", "32000x4096"])
     ap.add_argument("--prefill", type=int, default=32, help="columns for the prefill lines (0: none)")
     ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--threshold", action="store_true", help="only time serial vs threaded kernels on small matrices")
     args = ap.parse_args(argv)
     backends = args.backend or [fk.backend()]
     rng = np.random.default_rng(0)
     print(json.dumps(dict(kind="header", machine=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
                           avx2=fk.cpu_has_avx2(), numba=numba.__version__, python=sys.version.split()[0],
                           cache="weights cycled through > 96 MiB (cold L3)")), flush=True)
+    if args.threshold:
+        for line in bench_threshold(backends, args.reps):
+            print(json.dumps(line), flush=True)
+        return
     for line in bench_overhead(backends, args.reps):
         print(json.dumps(line), flush=True)
     for name in args.types:

@@ -34,9 +34,10 @@ import numba
 import numpy as np
 
 from .arena import Arena
+from .errors import FlexioError
 from .fetch import model_path
 from .gguf import open_gguf
-from .model import LAYER_FIELDS, KVCache, LayerWeights, Model, Weight, vector, weight
+from .model import LAYER_FIELDS, KVCache, LayerWeights, Model, Weight, vector, warmup_kernels, weight
 from .plan import MODES, CostModel, Plan, plan_budget
 from .prefetch import StageStream
 from .reader import Reader
@@ -121,6 +122,7 @@ class Engine:
         self.tokenizer = Tokenizer.from_gguf(gf)
         self.n_ctx = min(self._n_ctx or min(self.config.n_ctx_train, 4096), self.config.n_ctx_train)
         self.model = Model(self.config, self.n_ctx)
+        warmup_kernels({t.ggml_type for t in gf.tensors if len(t.shape) > 1}, self.config)
         budget = self.budget if self.budget is not None else sum(t.nbytes for t in gf.tensors) * 2
         self.plan: Plan = plan_budget(gf, budget, window=self.window, policy=self.policy, mode=self.mode,
                                       cost=self.cost)
@@ -178,8 +180,13 @@ class Engine:
             self.reader.close()
             self.reader = None
         if self.arena is not None:
-            self.arena.close()
-            self.arena = None
+            arena, self.arena = self.arena, None
+            try:
+                arena.close()
+            except FlexioError:
+                # A caller still holds an exception whose traceback references weight views: the
+                # pages are already unlocked, and the mapping goes when that exception is dropped.
+                pass
         if getattr(self, "_emb_fd", None) is not None:
             os.close(self._emb_fd)
             self._emb_fd = None

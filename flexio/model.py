@@ -96,6 +96,37 @@ def layer_weights(tensors: dict[str, tuple[TensorInfo, list[tuple[int, np.ndarra
     return LayerWeights(**kw)
 
 
+def warmup_kernels(ggml_types: set[int], cfg: ModelConfig) -> None:
+    """Compile (or load from Numba's cache) every kernel a forward pass will call, on tiny inputs,
+    so that the first token is not charged with JIT time. Both the serial and the threaded matmul
+    variants, decode (n = 1) and prefill (n > 1) shapes."""
+    from flexio_kernels import LAYOUTS
+
+    for t in sorted(ggml_types):
+        L = LAYOUTS[t]
+        k = L.block_elems * max(1, 256 // L.block_elems)
+        for rows in (8, 4096):
+            w = np.zeros((rows, k // L.block_elems * L.block_bytes), np.uint8)
+            for n in (1, 5):
+                x = np.zeros((n, k), np.float32)
+                matmul(w, t, x, np.zeros((n, rows), np.float32), 0)
+        dequantize_rows(w[:2], t, np.zeros(1, np.int64), np.zeros((1, k), np.float32))
+    hd, nh, nkv = cfg.head_dim, cfg.n_head, cfg.n_head_kv
+    for n in (1, 5):
+        x = np.zeros((n, cfg.n_embd), np.float32)
+        ops.rmsnorm(x, np.ones(cfg.n_embd, np.float32), cfg.norm_eps, np.empty_like(x))
+        ops.add_inplace(x, x)
+        ops.add_bias(x, np.zeros(cfg.n_embd, np.float32))
+        q = np.zeros((n, nh * hd), np.float32)
+        cos, sin = ops.rope_tables(8, cfg.rope_dim, cfg.rope_base)
+        ops.rope(q, nh, hd, 0, cos, sin, cfg.rope_neox)
+        kv = np.zeros((8, nkv * hd), np.uint16)
+        for attend in (ops.attention, ops.attention_serial):
+            attend(q, kv, kv, 0, nh, nkv, hd, ops.F16_TO_F32, np.zeros((n * nh, 8), np.float32), np.empty_like(q))
+        g = np.zeros((n, 16), np.float32)
+        ops.swiglu(g, g.copy())
+
+
 class KVCache:
     """Per-layer float16 keys and values, (n_ctx, kv) each, grown on demand."""
 
@@ -202,8 +233,10 @@ class Model:
         kc, vc = cache.k[i], cache.v[i]
         np.copyto(kc[pos0 : pos0 + n], s.k)  # rounds to f16
         np.copyto(vc[pos0 : pos0 + n], s.v)
-        ops.attention(s.q, kc.view(np.uint16), vc.view(np.uint16), pos0, c.n_head, c.n_head_kv, c.head_dim,
-                      ops.F16_TO_F32, s.scores_for(pos0 + n), s.att)
+        # work ~ tokens x heads x context: below ~64k head-positions one thread beats a parallel launch
+        attend = ops.attention if n * c.n_head * (pos0 + n) > 65536 else ops.attention_serial
+        attend(s.q, kc.view(np.uint16), vc.view(np.uint16), pos0, c.n_head, c.n_head_kv, c.head_dim,
+               ops.F16_TO_F32, s.scores_for(pos0 + n), s.att)
         w.wo.matmul(s.att, s.o)
         ops.add_inplace(x, s.o)
         ops.rmsnorm(x, w.ffn_norm, c.norm_eps, s.h)

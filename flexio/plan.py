@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from .errors import BudgetError
+from .errors import BudgetError, IOBackendError
 from .gguf import GGUFFile, TensorInfo
 
 DIRECT_ALIGN = 4096  # O_DIRECT: file offset, length and buffer address multiples of the logical block size
@@ -47,9 +47,12 @@ ORDER = {"ffn": FFN_ROLES + ATTN_ROLES, "attn": ATTN_ROLES + FFN_ROLES}
 
 
 def aligned_span(offset: int, length: int, align: int = DIRECT_ALIGN) -> tuple[int, int]:
-    """(offset, length) -> (start, nbytes) of the smallest aligned range that covers it."""
+    """(offset, length) -> (start, nbytes) of the smallest `align`-aligned range that covers it.
+
+    Size an O_DIRECT buffer with nbytes; the data starts at offset - start inside it.
+    """
     if offset < 0 or length < 0:
-        raise ValueError(f"negative offset or length: ({offset}, {length})")
+        raise IOBackendError(f"invalid range: offset {offset}, length {length} (both must be >= 0)")
     if length == 0:
         return offset - offset % align, 0
     start = offset - offset % align

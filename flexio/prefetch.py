@@ -247,9 +247,9 @@ class StageStream:
                 except asyncio.CancelledError:
                     raise
                 except Exception as e:  # I/O error: hand it to the compute thread, which raises it
-                    with self._cond:
-                        self._error = e if isinstance(e, FlexioError) else FlexioError(
-                            f"reading stage {self.plan.stages[stage].name} failed: {e}")
+                    with self._cond:  # without its traceback, which pins this frame's slot views
+                        self._error = (e if isinstance(e, FlexioError) else FlexioError(
+                            f"reading stage {self.plan.stages[stage].name} failed: {e}")).with_traceback(None)
                         self._cond.notify_all()
                     return
                 self.bytes_read += sum(nb for _, nb, _, _ in reads)

@@ -53,6 +53,7 @@ from typing import Iterable, Sequence
 
 from .arena import ALIGN, Arena, ArenaBuffer, round_up
 from .errors import IOBackendError
+from .plan import aligned_span  # noqa: F401  (re-exported: callers size buffers with it)
 from .uring import Ring, io_uring_disabled
 
 log = logging.getLogger("flexio.reader")
@@ -65,17 +66,6 @@ DEFAULT_CHUNK_SIZE = 4 << 20
 DEFAULT_THREADS = 4
 
 _CANCEL_TAG = 1 << 63  # user_data of ASYNC_CANCEL SQEs; their CQEs are ignored
-
-
-def aligned_span(offset: int, length: int, align: int = DIRECT_ALIGN) -> tuple[int, int]:
-    """The `align`-aligned byte span (start, nbytes) enclosing [offset, offset + length).
-
-    Size an arena buffer with `nbytes`; `Reader.read` reads the span and returns a view at `offset - start`.
-    """
-    if offset < 0 or length < 0:
-        raise IOBackendError(f"invalid range: offset {offset}, length {length} (both must be >= 0)")
-    start = offset // align * align
-    return start, round_up(offset + length, align) - start
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ from numba import njit, prange
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from .actq import f16round
 
 F16_TO_F32 = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)  # (65536,)
 
@@ -68,6 +67,23 @@ _EXP_LOG2E, _EXP_LN2_HI, _EXP_LN2_LO = (_F(float.fromhex(h)) for h in ("0x1.7154
 _EXP_C = tuple(_F(float.fromhex(h)) for h in ("0x1.0e4020p-7", "0x1.573e2ep-5", "0x1.555e66p-3", "0x1.fffdb6p-2",
                                                "0x1.ffffecp-1"))
 _EXP_C0, _EXP_C1, _EXP_C2, _EXP_C3, _EXP_C4 = _EXP_C
+
+
+@njit(nogil=True, cache=True, inline="always")
+def f16round(x):
+    """float32 -> the float32 value of its nearest-even IEEE half (F16C's vcvtps2ph, rounding mode 0)."""
+    b = f32_bits(np.float32(x))
+    sign = b & np.int32(-2147483648)
+    a = b & np.int32(0x7FFFFFFF)
+    if a >= np.int32(0x7F800000):  # inf or nan stay as they are
+        return np.float32(x)
+    if a >= np.int32(0x477FF000):  # >= 65520 rounds past the largest half (65504)
+        return bits_f32(sign | np.int32(0x7F800000))
+    if a < np.int32(0x38800000):  # below 2**-14: half subnormals, multiples of 2**-24
+        m = np.float64(bits_f32(a)) * 16777216.0
+        return bits_f32(sign | f32_bits(np.float32(np.rint(m) / 16777216.0)))
+    a = (a + np.int32(0xFFF) + ((a >> 13) & 1)) & np.int32(-8192)  # round the 23-bit mantissa to 10 bits, ties even
+    return bits_f32(sign | a)
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -176,6 +192,44 @@ def hsum8(a, o):
     return ((a[o] + a[o + 4]) + (a[o + 2] + a[o + 6])) + ((a[o + 1] + a[o + 5]) + (a[o + 3] + a[o + 7]))
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _attend(job, q, kcache, vcache, pos0, n_heads, group, head_dim, f16, scale, s, acc, out):
+    """One (query token, head) of `attention`; acc: 16 floats of scratch."""
+    i = job // n_heads
+    h = job % n_heads
+    kvo = (h // group) * head_dim
+    qo = h * head_dim
+    T = pos0 + i + 1
+    mx = np.float32(-np.inf)
+    for t in range(T):
+        for lane in range(8):
+            acc[lane] = 0.0
+        for d in range(head_dim):
+            acc[d % 8] = fmaf(f16[kcache[t, kvo + d]], f16round(q[i, qo + d]), acc[d % 8])
+        v = hsum8(acc, 0) * scale
+        s[t] = v
+        if v > mx:
+            mx = v
+    total = 0.0
+    for c0 in range(0, T, 8):  # 8-lane chunks; lanes past T hold exp(-inf) = 0
+        for lane in range(8):
+            acc[8 + lane] = 0.0
+        for lane in range(min(8, T - c0)):
+            e = v_expf(s[c0 + lane] - mx)
+            acc[8 + lane] = e
+            s[c0 + lane] = e
+        total += np.float64(hsum8(acc, 8))
+    inv = np.float32(1.0 / total)
+    for t in range(T):
+        s[t] = f16round(s[t] * inv)
+    for d in range(head_dim):
+        for lane in range(8):
+            acc[lane] = 0.0
+        for t in range(T):
+            acc[t % 8] = fmaf(f16[vcache[t, kvo + d]], s[t], acc[t % 8])
+        out[i, qo + d] = hsum8(acc, 0)
+
+
 @njit(nogil=True, cache=True, parallel=True)
 def attention(q, kcache, vcache, pos0, n_heads, n_kv_heads, head_dim, f16, scores, out):
     """Causal softmax attention of n queries at positions pos0.. over cache rows 0..pos0+n-1.
@@ -188,45 +242,24 @@ def attention(q, kcache, vcache, pos0, n_heads, n_kv_heads, head_dim, f16, score
     operation: q rounded to f16; q.k as its F16 x F16 tile kernel (one 8-lane FMA accumulator,
     then hsum8); scale; softmax with ggml_v_expf, summed per 8 lanes in double; probabilities
     rounded to f16; p.v the same way over positions.
-    Matching its rounding keeps greedy decoding on llama.cpp's tokens even where the model
-    amplifies one-ulp differences.
     """
-    n = q.shape[0]
-    group = n_heads // n_kv_heads
+    jobs = q.shape[0] * n_heads
     scale = np.float32(1.0 / math.sqrt(head_dim))
-    accs = np.empty((n * n_heads, 8), np.float32)
-    for job in prange(n * n_heads):
-        i = job // n_heads
-        h = job % n_heads
-        kvo = (h // group) * head_dim
-        qo = h * head_dim
-        T = pos0 + i + 1
-        s = scores[job]
-        acc = accs[job]
-        mx = np.float32(-np.inf)
-        for t in range(T):
-            acc[:] = 0.0
-            for d in range(head_dim):
-                acc[d % 8] = fmaf(f16[kcache[t, kvo + d]], f16round(q[i, qo + d]), acc[d % 8])
-            v = hsum8(acc, 0) * scale
-            s[t] = v
-            if v > mx:
-                mx = v
-        total = 0.0
-        for c0 in range(0, T, 8):  # 8-lane chunks; lanes past T hold exp(-inf) = 0
-            e = np.zeros(8, np.float32)
-            for lane in range(min(8, T - c0)):
-                e[lane] = v_expf(s[c0 + lane] - mx)
-                s[c0 + lane] = e[lane]
-            total += np.float64(((e[0] + e[4]) + (e[2] + e[6])) + ((e[1] + e[5]) + (e[3] + e[7])))
-        inv = np.float32(1.0 / total)
-        for t in range(T):
-            s[t] = f16round(s[t] * inv)
-        for d in range(head_dim):
-            acc[:] = 0.0
-            for t in range(T):
-                acc[t % 8] = fmaf(f16[vcache[t, kvo + d]], s[t], acc[t % 8])
-            out[i, qo + d] = hsum8(acc, 0)
+    accs = np.empty((jobs, 16), np.float32)
+    for job in prange(jobs):
+        _attend(job, q, kcache, vcache, pos0, n_heads, n_heads // n_kv_heads, head_dim, f16, scale,
+                scores[job], accs[job], out)
+
+
+@njit(nogil=True, cache=True)
+def attention_serial(q, kcache, vcache, pos0, n_heads, n_kv_heads, head_dim, f16, scores, out):
+    """`attention` on the calling thread: for short contexts a parallel launch costs more than the work."""
+    jobs = q.shape[0] * n_heads
+    scale = np.float32(1.0 / math.sqrt(head_dim))
+    acc = np.empty(16, np.float32)
+    for job in range(jobs):
+        _attend(job, q, kcache, vcache, pos0, n_heads, n_heads // n_kv_heads, head_dim, f16, scale,
+                scores[job], acc, out)
 
 
 @njit(nogil=True, cache=True)

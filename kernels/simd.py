@@ -41,6 +41,7 @@ class VecModel(models.PrimitiveModel):
 
 
 _llvm.initialize_native_asmparser()  # for the inline asm in ld_f16
+PREFETCH_LOCALITY = 3  # prefetcht0; T1/T2/NTA measured no better
 
 _i8, _i16, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 _v32i8 = ir.VectorType(_i8, 32)
@@ -140,7 +141,7 @@ def prefetch(typingctx, addr):
     def codegen(context, builder, sig, args):
         p = builder.inttoptr(args[0], _i8.as_pointer())
         fn = _fn(builder, "llvm.prefetch.p0", ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32])
-        builder.call(fn, [p, ir.Constant(_i32, 0), ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
+        builder.call(fn, [p, ir.Constant(_i32, 0), ir.Constant(_i32, PREFETCH_LOCALITY), ir.Constant(_i32, 1)])
         return context.get_dummy_value()
     return types.none(types.intp), codegen
 
@@ -228,32 +229,6 @@ def dot_ss(typingctx, s8, xaddr):
     return I32x8(I8x32, types.intp), codegen
 
 
-@intrinsic
-def dot_us_scaled(typingctx, u, xaddr, s_lo, s_hi):
-    """Sum over the first 16 (u*x) times s_lo plus the last 16 times s_hi -> 8 x i32 (K-quant scales)."""
-    def codegen(context, builder, sig, args):
-        p = _maddubs(builder, args[0], _load(builder, args[1], _v32i8))
-        lo = _splat(builder, builder.trunc(_as(context, builder, args[2], sig.args[2], types.int64), _i16), _v16i16)
-        hi = _splat(builder, builder.trunc(_as(context, builder, args[3], sig.args[3], types.int64), _i16), _v16i16)
-        sc = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_i32, 16), list(range(8)) + list(range(24, 32))))
-        return _maddwd(builder, p, sc)
-    return I32x8(I8x32, types.intp, types.int64, types.int64), codegen
-
-
-@intrinsic
-def dot_us_off_scaled(typingctx, u, xaddr, off, s_lo, s_hi):
-    """As dot_us_scaled with weights u - off: maddubs(u, x) - maddubs(off, x) in 16 bits (Q6_K's -32)."""
-    def codegen(context, builder, sig, args):
-        x = _load(builder, args[1], _v32i8)
-        o = _splat(builder, builder.trunc(_as(context, builder, args[2], sig.args[2], types.int64), _i8), _v32i8)
-        p = builder.sub(_maddubs(builder, args[0], x), _maddubs(builder, o, x))
-        lo = _splat(builder, builder.trunc(_as(context, builder, args[3], sig.args[3], types.int64), _i16), _v16i16)
-        hi = _splat(builder, builder.trunc(_as(context, builder, args[4], sig.args[4], types.int64), _i16), _v16i16)
-        sc = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_i32, 16), list(range(8)) + list(range(24, 32))))
-        return _maddwd(builder, p, sc)
-    return I32x8(I8x32, types.intp, types.int64, types.int64, types.int64), codegen
-
-
 # ---- int32 / float lanes ----
 
 @intrinsic
@@ -268,15 +243,6 @@ def add_i32x8(typingctx, a, b):
     def codegen(context, builder, sig, args):
         return builder.add(args[0], args[1])
     return I32x8(I32x8, I32x8), codegen
-
-
-@intrinsic
-def add_lane0(typingctx, v, s):
-    """v with the integer s added to lane 0 (folds a block's offset term into its integer sum)."""
-    def codegen(context, builder, sig, args):
-        s32 = builder.trunc(_as(context, builder, args[1], sig.args[1], types.int64), _i32)
-        return builder.add(args[0], builder.insert_element(ir.Constant(_v8i32, None), s32, ir.Constant(_i32, 0)))
-    return I32x8(I32x8, types.int64), codegen
 
 
 @intrinsic
@@ -339,24 +305,6 @@ def ld_f32(typingctx, addr):
 
 
 @intrinsic
-def add_i32x8_ld(typingctx, v, addr):
-    """v + the 8 x i32 at addr."""
-    def codegen(context, builder, sig, args):
-        return builder.add(args[0], _load(builder, args[1], _v8i32, align=4))
-    return I32x8(I32x8, types.intp), codegen
-
-
-@intrinsic
-def ld_f16_tab(typingctx, addr, tab):
-    """The half at addr as float32, through a 65536-entry f16 -> f32 table at address tab (a load, no ALU)."""
-    def codegen(context, builder, sig, args):
-        h = builder.zext(_load(builder, args[0], _i16), _i64)
-        p = builder.add(args[1], builder.mul(h, ir.Constant(_i64, 4)))
-        return _load(builder, p, _f32, align=4)
-    return types.float32(types.intp, types.intp), codegen
-
-
-@intrinsic
 def splat_f32_ld(typingctx, addr):
     """The float32 at addr in all 8 lanes (vbroadcastss from memory)."""
     def codegen(context, builder, sig, args):
@@ -380,24 +328,131 @@ def fma_iv(typingctx, acc, v, s):
     return F32x8(F32x8, I32x8, F32x8), codegen
 
 
-@intrinsic
-def splat_f16(typingctx, addr):
-    """The half at addr as float32 in all 8 lanes (vpbroadcastw + vcvtph2ps)."""
-    def codegen(context, builder, sig, args):
-        h = _load(builder, args[0], ir.HalfType(), align=1)
-        return builder.fpext(_splat(builder, h, _v8f16), _v8f32)
-    return F32x8(types.intp), codegen
+# ---- K-quant scales: 16 x i16 vectors ----
+
+I16x16 = Vec(types.int16, 16)
 
 
 @intrinsic
-def prefetch_l(typingctx, addr, locality):
-    """Software prefetch with an explicit locality (3: T0 ... 0: NTA); locality must be a literal-like int."""
+def k4_scales(typingctx, addr):
+    """Q4_K/Q5_K 12 packed scale bytes at addr -> 16 x i16: sc[0..7] then m[0..7] (6-bit each).
+
+    llama.cpp's kmask trick on three u32 words: sub-blocks 0-3 are the low 6 bits of bytes 0-3
+    (sc) and 4-7 (m); sub-blocks 4-7 take the nibbles of bytes 8-11 plus the top 2 bits of 0-7.
+    """
     def codegen(context, builder, sig, args):
-        p = builder.inttoptr(args[0], _i8.as_pointer())
-        fn = _fn(builder, "llvm.prefetch.p0", ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32])
-        loc = sig.args[1].literal_value
-        builder.call(fn, [p, ir.Constant(_i32, 0), ir.Constant(_i32, loc), ir.Constant(_i32, 1)])
-        return context.get_dummy_value()
-    if not isinstance(locality, types.IntegerLiteral):
+        def word(i):
+            return _load(builder, builder.add(args[0], ir.Constant(_i64, 4 * i)), _i32, align=1)
+        u0, u1, u2 = word(0), word(1), word(2)
+        c = lambda v: ir.Constant(_i32, v)  # noqa: E731
+        k1, k2, k3 = c(0x3F3F3F3F), c(0x0F0F0F0F), c(0x03030303)
+        sc_lo = builder.and_(u0, k1)
+        sc_hi = builder.or_(builder.and_(u2, k2), builder.shl(builder.and_(builder.lshr(u0, c(6)), k3), c(4)))
+        m_lo = builder.and_(u1, k1)
+        m_hi = builder.or_(builder.and_(builder.lshr(u2, c(4)), k2), builder.shl(builder.and_(builder.lshr(u1, c(6)), k3), c(4)))
+        v = ir.Constant(ir.VectorType(_i32, 4), None)
+        for i, x in enumerate((sc_lo, sc_hi, m_lo, m_hi)):
+            v = builder.insert_element(v, x, ir.Constant(_i32, i))
+        return builder.zext(builder.bitcast(v, _v16i8), _v16i16)
+    return I16x16(types.intp), codegen
+
+
+@intrinsic
+def q6_scales(typingctx, addr):
+    """Q6_K 16 int8 scales at addr -> 16 x i16."""
+    def codegen(context, builder, sig, args):
+        return builder.sext(_load(builder, args[0], _v16i8), _v16i16)
+    return I16x16(types.intp), codegen
+
+
+@intrinsic
+def k_dup(typingctx, scv, half):
+    """scv lanes 8h..8h+7 repeated in both 128-bit halves (h a literal): the table dot_us_k /
+    dot_us_off_k pick scales from with one in-lane vpshufb each."""
+    if not isinstance(half, types.IntegerLiteral):
         return None
-    return types.none(types.intp, locality), codegen
+
+    def codegen(context, builder, sig, args):
+        h = sig.args[1].literal_value
+        return builder.shuffle_vector(args[0], args[0], ir.Constant(ir.VectorType(_i32, 16), list(range(8 * h, 8 * h + 8)) * 2))
+    return I16x16(I16x16, half), codegen
+
+
+def _pick16(builder, scd, lo, hi):  # vpshufb: i16 lane lo of each half into lanes 0-7, lane hi into 8-15
+    mask = [2 * lo, 2 * lo + 1] * 8 + [2 * hi, 2 * hi + 1] * 8
+    fn = _fn(builder, "llvm.x86.avx2.pshuf.b", _v32i8, [_v32i8, _v32i8])
+    return builder.bitcast(builder.call(fn, [builder.bitcast(scd, _v32i8), ir.Constant(_v32i8, mask)]), _v16i16)
+
+
+@intrinsic
+def dot_us_k(typingctx, u, xaddr, scd, i):
+    """32 unsigned weights . 32 int8 x at xaddr, times scale i of scd (a k_dup table; i a literal) -> 8 x i32."""
+    if not isinstance(i, types.IntegerLiteral):
+        return None
+
+    def codegen(context, builder, sig, args):
+        k = sig.args[3].literal_value
+        p = _maddubs(builder, args[0], _load(builder, args[1], _v32i8))
+        return _maddwd(builder, p, _pick16(builder, args[2], k, k))
+    return I32x8(I8x32, types.intp, I16x16, i), codegen
+
+
+@intrinsic
+def dot_us_off_k(typingctx, u, xaddr, off, scd, lo, hi):
+    """Q6_K: (u - off) . x over 32 values, the first 16 times scale lo of scd, the last 16 times scale hi
+    (scd a k_dup table, lo / hi literals): maddubs(u, x) - maddubs(off, x) in 16 bits, then vpmaddwd."""
+    if not isinstance(lo, types.IntegerLiteral) or not isinstance(hi, types.IntegerLiteral):
+        return None
+
+    def codegen(context, builder, sig, args):
+        x = _load(builder, args[1], _v32i8)
+        o = _splat(builder, builder.trunc(args[2], _i8), _v32i8)
+        p = builder.sub(_maddubs(builder, args[0], x), _maddubs(builder, o, x))
+        return _maddwd(builder, p, _pick16(builder, args[3], sig.args[4].literal_value, sig.args[5].literal_value))
+    return I32x8(I8x32, types.intp, types.int64, I16x16, lo, hi), codegen
+
+
+@intrinsic
+def k4_mins(typingctx, scv, bsaddr):
+    """8 x i32: m[i] * (bs[2i] + bs[2i+1]) with m = scv[8..15] and 16 int32 activation sums at bsaddr."""
+    def codegen(context, builder, sig, args):
+        bs = _load(builder, args[1], ir.VectorType(_i32, 16), align=4)
+        idx = lambda l: ir.Constant(ir.VectorType(_i32, 8), l)  # noqa: E731
+        pair = builder.add(builder.shuffle_vector(bs, bs, idx(list(range(0, 16, 2)))),
+                           builder.shuffle_vector(bs, bs, idx(list(range(1, 16, 2)))))
+        m = builder.zext(builder.shuffle_vector(args[0], args[0], idx(list(range(8, 16)))), _v8i32)
+        return builder.mul(m, pair)
+    return I32x8(I16x16, types.intp), codegen
+
+
+@intrinsic
+def splat_tab(typingctx, tab, addr):
+    """The half at addr, as float32 in all 8 lanes, through the f16 -> f32 table at address tab.
+
+    movzwl + vbroadcastss from memory: two loads and no vector ALU work (vcvtph2ps costs
+    2 uops on Zen 3 and a scalar conversion needs a vmovd and a broadcast besides).  Real
+    scales take few distinct values, so the table lines they touch stay in L1/L2.
+    """
+    def codegen(context, builder, sig, args):
+        h = builder.zext(_load(builder, args[1], _i16, align=1), _i64)
+        p = builder.add(args[0], builder.mul(h, ir.Constant(_i64, 4)))
+        return _splat(builder, _load(builder, p, _f32, align=4), _v8f32)
+    return F32x8(types.intp, types.intp), codegen
+
+
+@intrinsic
+def add_lane0_ld(typingctx, v, addr):
+    """v with the int32 at addr added to lane 0 (vmovd from memory zeroes the other lanes, + vpaddd)."""
+    def codegen(context, builder, sig, args):
+        s = _load(builder, args[1], _i32, align=4)
+        return builder.add(args[0], builder.insert_element(ir.Constant(_v8i32, None), s, ir.Constant(_i32, 0)))
+    return I32x8(I32x8, types.intp), codegen
+
+
+@intrinsic
+def lane0_f32_ld(typingctx, addr):
+    """(float32 at addr, 0, ..., 0) (vmovss from memory)."""
+    def codegen(context, builder, sig, args):
+        s = _load(builder, args[0], _f32, align=4)
+        return builder.insert_element(ir.Constant(_v8f32, None), s, ir.Constant(_i32, 0))
+    return F32x8(types.intp), codegen

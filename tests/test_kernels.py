@@ -180,6 +180,17 @@ def test_parallel_path(backend):
     assert (np.abs(out - int_reference(w, 2, x)) / norms(w, 2, x)).max() < 2e-6
 
 
+def test_readonly_weights(backend):
+    """Weights straight from a read-only mmap of the GGUF file."""
+    rng = np.random.default_rng(8)
+    w = random_weights(rng, 2, 9, 256)
+    w.flags.writeable = False
+    x = rng.standard_normal((1, 256)).astype(np.float32)
+    out = np.empty((1, 9), np.float32)
+    fk.matmul(w, 2, x, out)
+    assert (np.abs(out - int_reference(w, 2, x)) / norms(w, 2, x)).max() < 2e-6
+
+
 @settings(max_examples=30, deadline=None)
 @given(t=st.sampled_from([2, 3, 8, 12, 14]), rows=st.integers(1, 40), blocks=st.integers(1, 3),
        n=st.integers(1, 9), seed=st.integers(0, 2**32 - 1), x_scale=st.sampled_from([1e-3, 1.0, 50.0]))

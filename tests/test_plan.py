@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 from flexio.errors import BudgetError
 from flexio.gguf import ModelConfig, TensorInfo
-from flexio.plan import CostModel, aligned_span, minimum_budget, parse_size, plan_budget
+from flexio.plan import CostModel, minimum_budget, parse_size, plan_budget
 
 Q4_0, Q6_K, F32 = 2, 14, 0
 BPB = {Q4_0: (32, 18), Q6_K: (256, 210), F32: (1, 4)}
@@ -48,15 +48,6 @@ def fake_model(n_layer=32, d=512, ff=1376, vocab=2000, kv=None, tied=False, head
 
 MODEL = fake_model()
 TOTAL = sum(t.nbytes for t in MODEL.tensors)
-
-
-def test_aligned_span():
-    assert aligned_span(0, 1) == (0, 4096)
-    assert aligned_span(4096, 4096) == (4096, 4096)
-    assert aligned_span(4000, 200) == (0, 8192)
-    assert aligned_span(32, 0) == (0, 0)
-    with pytest.raises(ValueError):
-        aligned_span(-1, 10)
 
 
 def test_parse_size():

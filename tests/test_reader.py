@@ -51,6 +51,7 @@ def test_aligned_span():
     assert aligned_span(4095, 2) == (0, 8192)
     assert aligned_span(4096, 4096) == (4096, 4096)
     assert aligned_span(8224, 100) == (8192, 4096)  # a 32-byte-aligned GGUF tensor offset
+    assert aligned_span(32, 0) == (0, 0)
     with pytest.raises(IOBackendError):
         aligned_span(-1, 10)
 

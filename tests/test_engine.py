@@ -1,0 +1,136 @@
+"""Engine modes, budgets, cancellation, I/O faults and concurrency on the real SmolLM2 model."""
+
+import asyncio
+import os
+import shutil
+import threading
+
+import pytest
+
+from flexio.arena import locked_bytes
+from flexio.engine import Engine
+from flexio.errors import BudgetError, FlexioError
+from flexio.plan import minimum_budget
+from flexio.gguf import open_gguf
+
+PROMPT = [504, 3575, 282, 4649, 314]  # "The capital of France is"
+N = 12
+
+
+async def greedy(e: Engine, tokens=PROMPT, n=N) -> list[int]:
+    return [t async for t in e.generate_tokens(tokens, n)]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.fixture(scope="module")
+def reference_tokens(smollm2_path):
+    async def main():
+        async with Engine(smollm2_path, threads=2) as e:
+            return await greedy(e)
+
+    return run(main())
+
+
+@pytest.mark.parametrize("mode,budget", [
+    ("flexinfer", "15%"), ("flexinfer", "45%"), ("flexinfer", "85%"),
+    ("no-balance", "45%"), ("no-preserve", "45%"), ("prefetch-only", "45%"),
+    ("no-prefetch", "45%"), ("sync", "45%"), ("mmap", "45%"),
+])
+def test_every_mode_gives_the_same_greedy_tokens(smollm2_path, reference_tokens, mode, budget):
+    async def main():
+        async with Engine(smollm2_path, threads=2, mode=mode, budget=budget) as e:
+            toks = await greedy(e)
+            if e.plan.streams:
+                assert e.plan.total_bytes <= e.plan.budget
+                assert e.stream.statistics().bytes_read > 0  # it really streamed
+            return toks
+
+    assert run(main()) == reference_tokens
+
+
+def test_policies_give_the_same_tokens(smollm2_path, reference_tokens):
+    async def main(policy):
+        async with Engine(smollm2_path, threads=2, budget="50%", policy=policy) as e:
+            assert e.plan.policy == policy
+            return await greedy(e)
+
+    for policy in ("ffn", "attn", "mixed"):
+        assert run(main(policy)) == reference_tokens, policy
+
+
+def test_budget_below_minimum_names_it(smollm2_path):
+    m = minimum_budget(open_gguf(smollm2_path))
+
+    async def main():
+        async with Engine(smollm2_path, budget=m - 1):
+            pass
+
+    with pytest.raises(BudgetError, match=f"minimum {m:,} bytes"):
+        run(main())
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _flexio_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("flexio")]
+
+
+def test_cancel_mid_generation_leaks_nothing(smollm2_path):
+    fds0, locked0 = _fds(), locked_bytes()
+
+    async def main():
+        e = Engine(smollm2_path, threads=2, budget="40%")
+        await e.open()
+        got = []
+
+        async def consume():
+            async for t in e.generate_tokens(PROMPT, 200):
+                got.append(t)
+
+        task = asyncio.create_task(consume())
+        while len(got) < 3:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert e.stats.stop_reason == "cancelled"
+        # the engine is still usable after a cancelled generation
+        assert len(await greedy(e, n=3)) == 3
+        await e.close()
+
+    run(main())
+    assert _flexio_threads() == []
+    assert _fds() == fds0
+    assert locked_bytes() == locked0
+
+
+def test_truncated_file_under_the_engine_is_a_clear_error(smollm2_path, tmp_path):
+    path = tmp_path / "model.gguf"
+    shutil.copyfile(smollm2_path, path)
+
+    async def main():
+        async with Engine(str(path), threads=2, budget="30%") as e:
+            os.truncate(path, os.path.getsize(path) // 2)
+            with pytest.raises(FlexioError):
+                await asyncio.wait_for(greedy(e, n=4), timeout=60)
+
+    run(main())
+
+
+def test_two_generations_on_one_engine_do_not_interleave(smollm2_path, reference_tokens):
+    other = [6403, 1980, 253, 655, 28]  # "Once upon a time,"
+
+    async def main():
+        async with Engine(smollm2_path, threads=2, budget="50%") as e:
+            alone = await greedy(e, other)
+            a, b = await asyncio.gather(greedy(e), greedy(e, other))
+            return alone, a, b
+
+    alone, a, b = run(main())
+    assert a == reference_tokens
+    assert b == alone
