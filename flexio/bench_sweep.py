@@ -17,6 +17,7 @@ file, measured in the same run), T_cpu = the in-memory decode time per token
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import time
 
+from .bench_io import drop_caches
 from .fetch import model_path
 from .gguf import open_gguf
 from .plan import MODES, fmt_bytes, parse_size, plan_budget
@@ -49,16 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=900, help="seconds per point before it is recorded as failed")
 
 
-def _drop_caches() -> bool:
-    if os.geteuid() != 0:
-        return False
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
+def _cold() -> bool:
+    """Drop the page cache when we are root; False when the figures will be warm."""
+    return os.geteuid() == 0 and drop_caches()
 
 
 class MemCgroup:
@@ -136,7 +131,7 @@ def _child(cmd: list[str], limit: int | None, timeout: float) -> dict:
 def _disk_ceiling(path: str) -> tuple[float, str]:
     """Bytes/s: fio (io_uring, direct) if installed, else our best raw O_DIRECT read of the file."""
     if shutil.which("fio"):
-        _drop_caches()
+        _cold()
         size = min(os.path.getsize(path), 2 << 30)
         r = subprocess.run(["fio", "--name=ceiling", f"--filename={path}", "--readonly", "--rw=read",
                             "--ioengine=io_uring", "--direct=1", "--bs=4M", "--iodepth=32", f"--size={size}",
@@ -165,7 +160,7 @@ def _disk_ceiling(path: str) -> tuple[float, str]:
                 b.release()
         return size / dt
 
-    _drop_caches()
+    _cold()
     return asyncio.run(read_all()), "io_uring"
 
 
@@ -250,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
             streamed = plan.streamed_bytes_per_token if plan else max(0, total - budget)
             t_io = streamed / ceiling
             bound_tok_s = 1.0 / max(t_io, t_cpu or 0.0) if max(t_io, t_cpu or 0.0) > 0 else None
-            _drop_caches()
+            _cold()
             limit = budget + overhead if use_cg else None
             res = _child(gen + ["--mode", mode, "--budget", str(budget)], limit, args.timeout)
             rec = {"mode": mode, "budget_bytes": budget, "budget_frac": round(frac, 4),
@@ -267,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
             if mode == modes[0] and bound_tok_s:
                 bound.append((frac, bound_tok_s))
         if args.llama_cpp:
-            _drop_caches()
+            _cold()
             res = _llama_cpp_point(path, args, budget + overhead if use_cg else None)
             rec = {"mode": "llama.cpp-mmap", "budget_bytes": budget, "budget_frac": round(frac, 4), **res}
             print(json.dumps(rec), flush=True)
@@ -307,9 +302,7 @@ def _llama_cpp_point(path: str, args, limit: int | None) -> dict:
         "dt=time.perf_counter()-t0\n"
         f"print(json.dumps({{'decode_tok_s': round({args.decode_tokens - 1}/dt, 3)}}))\n"
     )
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("llama_cpp") is None:
         return {"error": "llama-cpp-python is not installed (pip install -e .[peer])"}
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(code)

@@ -67,7 +67,7 @@ def parse_size(text: str | int, total: int | None = None) -> int:
     s = text.strip().replace(" ", "")
     if s.endswith("%"):
         if total is None:
-            raise ValueError(f"a percentage budget ({text!r}) needs the model size")
+            raise BudgetError(f"a percentage budget ({text!r}) needs the model size")
         return int(total * float(s[:-1]) / 100)
     units = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1024**2,
              "g": 1e9, "gb": 1e9, "gib": 1024**3, "t": 1e12, "tb": 1e12, "tib": 1024**4}
@@ -76,8 +76,11 @@ def parse_size(text: str | int, total: int | None = None) -> int:
         i -= 1
     num, unit = s[:i], s[i:].lower()
     if not num or unit not in units:
-        raise ValueError(f"cannot parse size {text!r} (examples: 1.5GiB, 800MB, 25%)")
-    return int(float(num) * units[unit])
+        raise BudgetError(f"cannot parse size {text!r} (examples: 1.5GiB, 800MB, 25%)")
+    try:
+        return int(float(num) * units[unit])
+    except ValueError:
+        raise BudgetError(f"cannot parse size {text!r} (examples: 1.5GiB, 800MB, 25%)") from None
 
 
 def fmt_bytes(n: float) -> str:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .actq import quantize_q8_32, quantize_q8_k
+from .actq import f16round_inplace, quantize_q8_32, quantize_q8_k
+from .simd import fma32
 from .layouts import LAYOUTS, QK, QK_K
 
 ROW_CHUNK = 16  # rows per parallel work item
@@ -54,183 +55,223 @@ def i8(v):
 
 
 # ---- one output per (row, column): integer block dots, float32 accumulation ----
+# The float order is llama.cpp's AVX2 one (ggml_vec_dot_*_q8_* / tinyBLAS), emulated lane by lane
+# so that both backends give the same bits: 8 float32 lane accumulators, per block
+# lane[l] = fma(d_w * d_x, float(int32 sum of the products of elements 4l..4l+3), lane[l]) in
+# block order, then ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)).  fma32 rounds once (llvm.fma.f32).
+
+
+@njit(nogil=True, cache=True, inline="always")
+def hsum8(a):
+    """llama.cpp's hsum_float_8 order."""
+    return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def fma_lanes(acc, d, lanes):
+    for l in range(8):
+        acc[l] = fma32(d, np.float32(lanes[l]), acc[l])
+
 
 @njit(nogil=True, cache=True)
 def rows_q4_0(w, xq, xd, xbs, out, col0, r0, r1, tab):
     n = xq.shape[0]
     nb = w.shape[1] // Q4_0_BB
+    acc = np.empty(8, np.float32)
+    lanes = np.empty(8, np.int32)
     for r in range(r0, r1):
         for j in range(n):
-            acc = np.float32(0.0)
+            acc[:] = 0
             for b in range(nb):
                 o = b * Q4_0_BB
                 e = b * QK
-                isum = np.int32(0)
+                lanes[:] = 0
                 for i in range(16):
                     v = np.int32(w[r, o + Q4_0_QS + i])
-                    isum += (v & 15) * np.int32(xq[j, e + i]) + (v >> 4) * np.int32(xq[j, e + 16 + i])
-                isum -= 8 * (xbs[j, 2 * b] + xbs[j, 2 * b + 1])
-                acc += (half(w, r, o + Q4_0_D, tab) * xd[j, b]) * np.float32(isum)
-            out[j, col0 + r] = acc
+                    lanes[i // 4] += ((v & 15) - 8) * np.int32(xq[j, e + i])
+                    lanes[4 + i // 4] += ((v >> 4) - 8) * np.int32(xq[j, e + 16 + i])
+                fma_lanes(acc, half(w, r, o + Q4_0_D, tab) * xd[j, b], lanes)
+            out[j, col0 + r] = hsum8(acc)
 
 
 @njit(nogil=True, cache=True)
 def rows_q4_1(w, xq, xd, xs, out, col0, r0, r1, tab):
+    """As Q4_0 with unsigned nibbles, plus llama.cpp's scalar summs = fma(m, s_x, summs) added last."""
     n = xq.shape[0]
     nb = w.shape[1] // Q4_1_BB
+    acc = np.empty(8, np.float32)
+    lanes = np.empty(8, np.int32)
     for r in range(r0, r1):
         for j in range(n):
-            acc = np.float32(0.0)
+            acc[:] = 0
+            summs = np.float32(0.0)
             for b in range(nb):
                 o = b * Q4_1_BB
                 e = b * QK
-                isum = np.int32(0)
+                lanes[:] = 0
                 for i in range(16):
                     v = np.int32(w[r, o + Q4_1_QS + i])
-                    isum += (v & 15) * np.int32(xq[j, e + i]) + (v >> 4) * np.int32(xq[j, e + 16 + i])
-                acc += (half(w, r, o + Q4_1_D, tab) * xd[j, b]) * np.float32(isum) + half(w, r, o + Q4_1_M, tab) * xs[j, b]
-            out[j, col0 + r] = acc
+                    lanes[i // 4] += (v & 15) * np.int32(xq[j, e + i])
+                    lanes[4 + i // 4] += (v >> 4) * np.int32(xq[j, e + 16 + i])
+                summs = fma32(half(w, r, o + Q4_1_M, tab), xs[j, b], summs)
+                fma_lanes(acc, half(w, r, o + Q4_1_D, tab) * xd[j, b], lanes)
+            out[j, col0 + r] = hsum8(acc) + summs
 
 
 @njit(nogil=True, cache=True)
 def rows_q5_0(w, xq, xd, xbs, out, col0, r0, r1, tab):
     n = xq.shape[0]
     nb = w.shape[1] // Q5_0_BB
+    acc = np.empty(8, np.float32)
+    lanes = np.empty(8, np.int32)
     for r in range(r0, r1):
         for j in range(n):
-            acc = np.float32(0.0)
+            acc[:] = 0
             for b in range(nb):
                 o = b * Q5_0_BB
                 e = b * QK
                 qh = (np.int64(w[r, o + Q5_0_QH]) | (np.int64(w[r, o + Q5_0_QH + 1]) << 8)
                       | (np.int64(w[r, o + Q5_0_QH + 2]) << 16) | (np.int64(w[r, o + Q5_0_QH + 3]) << 24))
-                isum = np.int32(0)
+                lanes[:] = 0
                 for i in range(16):
                     v = np.int32(w[r, o + Q5_0_QS + i])
                     lo = (v & 15) | np.int32(((qh >> i) & 1) << 4)
                     hi = (v >> 4) | np.int32(((qh >> (i + 16)) & 1) << 4)
-                    isum += lo * np.int32(xq[j, e + i]) + hi * np.int32(xq[j, e + 16 + i])
-                isum -= 16 * (xbs[j, 2 * b] + xbs[j, 2 * b + 1])
-                acc += (half(w, r, o + Q5_0_D, tab) * xd[j, b]) * np.float32(isum)
-            out[j, col0 + r] = acc
+                    lanes[i // 4] += (lo - 16) * np.int32(xq[j, e + i])
+                    lanes[4 + i // 4] += (hi - 16) * np.int32(xq[j, e + 16 + i])
+                fma_lanes(acc, half(w, r, o + Q5_0_D, tab) * xd[j, b], lanes)
+            out[j, col0 + r] = hsum8(acc)
 
 
 @njit(nogil=True, cache=True)
 def rows_q8_0(w, xq, xd, xbs, out, col0, r0, r1, tab):
     n = xq.shape[0]
     nb = w.shape[1] // Q8_0_BB
+    acc = np.empty(8, np.float32)
+    lanes = np.empty(8, np.int32)
     for r in range(r0, r1):
         for j in range(n):
-            acc = np.float32(0.0)
+            acc[:] = 0
             for b in range(nb):
                 o = b * Q8_0_BB
                 e = b * QK
-                isum = np.int32(0)
+                lanes[:] = 0
                 for i in range(QK):
-                    isum += i8(w[r, o + Q8_0_QS + i]) * np.int32(xq[j, e + i])
-                acc += (half(w, r, o + Q8_0_D, tab) * xd[j, b]) * np.float32(isum)
-            out[j, col0 + r] = acc
+                    lanes[i // 4] += i8(w[r, o + Q8_0_QS + i]) * np.int32(xq[j, e + i])
+                fma_lanes(acc, half(w, r, o + Q8_0_D, tab) * xd[j, b], lanes)
+            out[j, col0 + r] = hsum8(acc)
 
 
 @njit(nogil=True, cache=True)
-def rows_q4_k(w, xq, xd, xbs, out, col0, r0, r1, tab):
+def rows_q45_k(w, xq, xd, xbs, out, col0, r0, r1, tab, five):
+    """Q4_K (five=False) / Q5_K (five=True), llama.cpp's order: acc (8 lanes) += d float(lanes of
+    sc-weighted sums); the mins -dmin * sum(m * bsum pairs): Q4_K in 4 lanes (lane p: sub-blocks
+    2p, 2p+1) reduced (m0+m2)+(m1+m3), Q5_K as a scalar fma chain; result hsum8(acc) + mins."""
     n = xq.shape[0]
-    nb = w.shape[1] // Q4_K_BB
+    bb = Q5_K_BB if five else Q4_K_BB
+    od, odm, osc, oqs = (Q5_K_D, Q5_K_DMIN, Q5_K_SC, Q5_K_QS) if five else (Q4_K_D, Q4_K_DMIN, Q4_K_SC, Q4_K_QS)
+    nb = w.shape[1] // bb
+    acc = np.empty(8, np.float32)
+    accm = np.empty(4, np.float32)
+    lanes = np.empty(8, np.int32)
+    mlanes = np.empty(4, np.int32)
     for r in range(r0, r1):
         for j in range(n):
-            acc = np.float32(0.0)
+            acc[:] = 0
+            accm[:] = 0
+            summs = np.float32(0.0)
             for b in range(nb):
-                o = b * Q4_K_BB
+                o = b * bb
                 e = b * QK_K
-                isum = np.int32(0)
-                msum = np.int32(0)
+                lanes[:] = 0
+                mlanes[:] = 0
                 for i in range(8):
-                    sc, m = k_scale_min(w, r, o + Q4_K_SC, i)
-                    qo = o + Q4_K_QS + 32 * (i // 2)
+                    sc, m = k_scale_min(w, r, o + osc, i)
+                    qo = o + oqs + 32 * (i // 2)
                     sh = 4 * (i & 1)
-                    s = np.int32(0)
                     for l in range(32):
-                        s += ((np.int32(w[r, qo + l]) >> sh) & 15) * np.int32(xq[j, e + 32 * i + l])
-                    isum += sc * s
-                    msum += m * (xbs[j, b * 16 + 2 * i] + xbs[j, b * 16 + 2 * i + 1])
-                acc += (half(w, r, o + Q4_K_D, tab) * xd[j, b]) * np.float32(isum)
-                acc -= (half(w, r, o + Q4_K_DMIN, tab) * xd[j, b]) * np.float32(msum)
-            out[j, col0 + r] = acc
-
-
-@njit(nogil=True, cache=True)
-def rows_q5_k(w, xq, xd, xbs, out, col0, r0, r1, tab):
-    n = xq.shape[0]
-    nb = w.shape[1] // Q5_K_BB
-    for r in range(r0, r1):
-        for j in range(n):
-            acc = np.float32(0.0)
-            for b in range(nb):
-                o = b * Q5_K_BB
-                e = b * QK_K
-                isum = np.int32(0)
-                msum = np.int32(0)
-                for i in range(8):
-                    sc, m = k_scale_min(w, r, o + Q5_K_SC, i)
-                    qo = o + Q5_K_QS + 32 * (i // 2)
-                    sh = 4 * (i & 1)
-                    s = np.int32(0)
-                    for l in range(32):
-                        q = ((np.int32(w[r, qo + l]) >> sh) & 15) | (((np.int32(w[r, o + Q5_K_QH + l]) >> i) & 1) << 4)
-                        s += q * np.int32(xq[j, e + 32 * i + l])
-                    isum += sc * s
-                    msum += m * (xbs[j, b * 16 + 2 * i] + xbs[j, b * 16 + 2 * i + 1])
-                acc += (half(w, r, o + Q5_K_D, tab) * xd[j, b]) * np.float32(isum)
-                acc -= (half(w, r, o + Q5_K_DMIN, tab) * xd[j, b]) * np.float32(msum)
-            out[j, col0 + r] = acc
+                        q = (np.int32(w[r, qo + l]) >> sh) & 15
+                        if five:
+                            q |= ((np.int32(w[r, o + Q5_K_QH + l]) >> i) & 1) << 4
+                        lanes[l // 4] += sc * q * np.int32(xq[j, e + 32 * i + l])
+                    mlanes[i // 2] += m * (xbs[j, b * 16 + 2 * i] + xbs[j, b * 16 + 2 * i + 1])
+                dx = xd[j, b]
+                fma_lanes(acc, half(w, r, o + od, tab) * dx, lanes)
+                dmin = -(half(w, r, o + odm, tab) * dx)
+                if five:
+                    summs = fma32(np.float32(mlanes[0] + mlanes[1] + mlanes[2] + mlanes[3]), dmin, summs)
+                else:
+                    for p in range(4):
+                        accm[p] = fma32(dmin, np.float32(mlanes[p]), accm[p])
+            if five:
+                out[j, col0 + r] = hsum8(acc) + summs
+            else:
+                out[j, col0 + r] = hsum8(acc) + ((accm[0] + accm[2]) + (accm[1] + accm[3]))
 
 
 @njit(nogil=True, cache=True)
 def rows_q6_k(w, xq, xd, xbs, out, col0, r0, r1, tab):
     n = xq.shape[0]
     nb = w.shape[1] // Q6_K_BB
+    acc = np.empty(8, np.float32)
+    lanes = np.empty(8, np.int32)
     for r in range(r0, r1):
         for j in range(n):
-            acc = np.float32(0.0)
+            acc[:] = 0
             for b in range(nb):
                 o = b * Q6_K_BB
                 e = b * QK_K
-                isum = np.int32(0)
+                lanes[:] = 0
                 for g in range(16):  # 16 groups of 16 weights, one int8 scale each
-                    s = np.int32(0)
+                    sc = i8(w[r, o + Q6_K_SC + g])
                     for i in range(16):
                         rr = (16 * g + i) % 128
                         h = (16 * g + i) // 128
                         lo = (np.int32(w[r, o + Q6_K_QL + 64 * h + rr % 64]) >> (4 * (rr // 64))) & 15
                         hi = (np.int32(w[r, o + Q6_K_QH + 32 * h + rr % 32]) >> (2 * (rr // 32))) & 3
-                        s += (lo | (hi << 4)) * np.int32(xq[j, e + 16 * g + i])
-                    isum += i8(w[r, o + Q6_K_SC + g]) * (s - 32 * xbs[j, b * 16 + g])
-                acc += (half(w, r, o + Q6_K_D, tab) * xd[j, b]) * np.float32(isum)
-            out[j, col0 + r] = acc
+                        lanes[((16 * g + i) % 32) // 4] += sc * (lo | (hi << 4)) * np.int32(xq[j, e + 16 * g + i])
+                    # llama.cpp's -32 offset: lane l loses 32 * sc * bsum of groups 2l and 2l + 1
+                    lanes[g // 2] -= 32 * sc * xbs[j, b * 16 + g]
+                fma_lanes(acc, half(w, r, o + Q6_K_D, tab) * xd[j, b], lanes)
+            out[j, col0 + r] = hsum8(acc)
 
 
-@njit(nogil=True, cache=True, fastmath=True)
+@njit(nogil=True, cache=True)
 def rows_f32(w, x, out, col0, r0, r1):
+    """llama.cpp's tinyBLAS order: lane i % 8 accumulates element i by fma, hsum8; a k % 8 tail by scalar fma."""
     n, k = x.shape
+    k8 = k - k % 8
     wf = w.view(np.float32)  # (rows, k)
+    acc = np.empty(8, np.float32)
     for r in range(r0, r1):
         for j in range(n):
-            acc = np.float32(0.0)
-            for i in range(k):
-                acc += wf[r, i] * x[j, i]
-            out[j, col0 + r] = acc
+            acc[:] = 0
+            for i in range(0, k8, 8):
+                for l in range(8):
+                    acc[l] = fma32(wf[r, i + l], x[j, i + l], acc[l])
+            s = hsum8(acc)
+            for i in range(k8, k):
+                s = fma32(wf[r, i], x[j, i], s)
+            out[j, col0 + r] = s
 
 
-@njit(nogil=True, cache=True, fastmath=True)
+@njit(nogil=True, cache=True)
 def rows_f16(w, x, out, col0, r0, r1, tab):
+    """As rows_f32; x must already be rounded to f16 values (llama.cpp converts it to f16)."""
     n, k = x.shape
+    k8 = k - k % 8
     wh = w.view(np.uint16)  # (rows, k)
+    acc = np.empty(8, np.float32)
     for r in range(r0, r1):
         for j in range(n):
-            acc = np.float32(0.0)
-            for i in range(k):
-                acc += tab[wh[r, i]] * x[j, i]
-            out[j, col0 + r] = acc
+            acc[:] = 0
+            for i in range(0, k8, 8):
+                for l in range(8):
+                    acc[l] = fma32(tab[wh[r, i + l]], x[j, i + l], acc[l])
+            s = hsum8(acc)
+            for i in range(k8, k):
+                s = fma32(tab[wh[r, i]], x[j, i], s)
+            out[j, col0 + r] = s
 
 
 # ---- drivers: check shapes, quantize x once, then split rows over threads ----
@@ -275,9 +316,9 @@ def rows(t, w, x, xq, xd, xbs, xs, out, col0, r0, r1, tab):
     elif t == 8:
         rows_q8_0(w, xq, xd, xbs, out, col0, r0, r1, tab)
     elif t == 12:
-        rows_q4_k(w, xq, xd, xbs, out, col0, r0, r1, tab)
+        rows_q45_k(w, xq, xd, xbs, out, col0, r0, r1, tab, False)
     elif t == 13:
-        rows_q5_k(w, xq, xd, xbs, out, col0, r0, r1, tab)
+        rows_q45_k(w, xq, xd, xbs, out, col0, r0, r1, tab, True)
     elif t == 14:
         rows_q6_k(w, xq, xd, xbs, out, col0, r0, r1, tab)
     elif t == 0:
@@ -290,6 +331,9 @@ def rows(t, w, x, xq, xd, xbs, xs, out, col0, r0, r1, tab):
 def matmul_serial(w, t, x, out, col0, tab):
     check(w, t, x, out, col0)
     xq, xd, xbs, xs = quantize_x(t, x)
+    if t == 1:  # llama.cpp rounds x to f16 for F16 weights
+        x = x.copy()
+        f16round_inplace(x)
     rows(t, w, x, xq, xd, xbs, xs, out, col0, 0, w.shape[0], tab)
 
 
@@ -297,6 +341,9 @@ def matmul_serial(w, t, x, out, col0, tab):
 def matmul_parallel(w, t, x, out, col0, tab):
     check(w, t, x, out, col0)
     xq, xd, xbs, xs = quantize_x(t, x)
+    if t == 1:  # llama.cpp rounds x to f16 for F16 weights
+        x = x.copy()
+        f16round_inplace(x)
     nrows = w.shape[0]
     # numba's static schedule gives each thread one contiguous run of chunks (a sequential
     # stream for the prefetcher); get_num_threads() here would defeat cache=True

@@ -456,3 +456,104 @@ def lane0_f32_ld(typingctx, addr):
         s = _load(builder, args[0], _f32, align=4)
         return builder.insert_element(ir.Constant(_v8f32, None), s, ir.Constant(_i32, 0))
     return F32x8(types.intp), codegen
+
+
+# ---- llama.cpp's exact float order (one 8-lane accumulator per output, fixed reductions) ----
+
+@intrinsic
+def fma32(typingctx, a, b, c):
+    """a * b + c for float32 scalars, rounded once (llvm.fma.f32: vfmadd on FMA CPUs, an exact
+    libm/compiler-rt fmaf elsewhere).  Numba never fuses a plain `a * b + c`."""
+    def codegen(context, builder, sig, args):
+        a, b, c = (_as(context, builder, v, t, types.float32) for v, t in zip(args, sig.args))
+        return builder.call(_fn(builder, "llvm.fma.f32", _f32, [_f32] * 3), [a, b, c])
+    return types.float32(a, b, c), codegen
+
+
+@intrinsic
+def dot_us_off(typingctx, u, xaddr, off):
+    """(u - off) . x over 32 bytes -> 8 x i32, lane l = bytes 4l..4l+3 (as llama.cpp's
+    mul_sum_i8_pairs on the signed q - off): maddubs(u, x) - maddubs(off, x) in 16 bits
+    (|.| < 2^15 for u < 32), then vpmaddwd with ones."""
+    def codegen(context, builder, sig, args):
+        x = _load(builder, args[1], _v32i8)
+        o = _splat(builder, builder.trunc(_as(context, builder, args[2], sig.args[2], types.int64), _i8), _v32i8)
+        p = builder.sub(_maddubs(builder, args[0], x), _maddubs(builder, o, x))
+        return _maddwd(builder, p, ir.Constant(_v16i16, [1] * 16))
+    return I32x8(I8x32, types.intp, types.int64), codegen
+
+
+@intrinsic
+def tab_f32(typingctx, tab, addr):
+    """The half at addr as a float32 scalar, through the f16 -> f32 table at address tab."""
+    def codegen(context, builder, sig, args):
+        h = builder.zext(_load(builder, args[1], _i16, align=1), _i64)
+        return _load(builder, builder.add(args[0], builder.mul(h, ir.Constant(_i64, 4))), _f32, align=4)
+    return types.float32(types.intp, types.intp), codegen
+
+
+@intrinsic
+def pairsum_lo4(typingctx, v):
+    """(v0+v1, v2+v3, v4+v5, v6+v7, 0, 0, 0, 0): Q4_K's min products in llama.cpp's 4 lanes
+    (its _mm_madd_epi16 of 8 mins with the 8 hadd-ed bsum pairs)."""
+    def codegen(context, builder, sig, args):
+        z = ir.Constant(_v8i32, None)
+        a = builder.shuffle_vector(args[0], z, ir.Constant(ir.VectorType(_i32, 8), [0, 2, 4, 6, 8, 8, 8, 8]))
+        b = builder.shuffle_vector(args[0], z, ir.Constant(ir.VectorType(_i32, 8), [1, 3, 5, 7, 8, 8, 8, 8]))
+        return builder.add(a, b)
+    return I32x8(I32x8), codegen
+
+
+@intrinsic
+def hsum_lo4(typingctx, v):
+    """(v0 + v2) + (v1 + v3) as float32: llama.cpp's 128-bit reduction (movehl, add, movehdup, add)."""
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        e = lambda i: builder.extract_element(v, ir.Constant(_i32, i))  # noqa: E731
+        return builder.fadd(builder.fadd(e(0), e(2)), builder.fadd(e(1), e(3)))
+    return types.float32(F32x8), codegen
+
+
+@intrinsic
+def hsum_i32x8(typingctx, v):
+    """Sum of the 8 int32 lanes (exact), as int64."""
+    def codegen(context, builder, sig, args):
+        s = builder.extract_element(args[0], ir.Constant(_i32, 0))
+        for i in range(1, 8):
+            s = builder.add(s, builder.extract_element(args[0], ir.Constant(_i32, i)))
+        return builder.sext(s, _i64)
+    return types.int64(I32x8), codegen
+
+
+@intrinsic
+def dot_us_k2(typingctx, u, xaddr, scd, lo, hi):
+    """Q6_K: unsigned u . x over 32 values, the first 16 times scale lo of scd, the last 16 times
+    scale hi (scd a k_dup table; lo / hi literals) -> 8 x i32 (the -32 offset goes in q6_off)."""
+    if not isinstance(lo, types.IntegerLiteral) or not isinstance(hi, types.IntegerLiteral):
+        return None
+
+    def codegen(context, builder, sig, args):
+        p = _maddubs(builder, args[0], _load(builder, args[1], _v32i8))
+        return _maddwd(builder, p, _pick16(builder, args[2], sig.args[3].literal_value, sig.args[4].literal_value))
+    return I32x8(I8x32, types.intp, I16x16, lo, hi), codegen
+
+
+@intrinsic
+def q6_off(typingctx, scv, bsaddr):
+    """Q6_K's offset lanes as llama.cpp forms them: lane l = 32 * (sc[2l] bs[2l] + sc[2l+1] bs[2l+1])
+    (its vpmaddwd of the 16 scales with the 16 bsums, << 5); bs: 16 int32 at bsaddr."""
+    def codegen(context, builder, sig, args):
+        bs = _load(builder, args[1], ir.VectorType(_i32, 16), align=4)
+        p = builder.mul(builder.sext(args[0], ir.VectorType(_i32, 16)), bs)
+        idx = lambda l: ir.Constant(ir.VectorType(_i32, 8), l)  # noqa: E731
+        s = builder.add(builder.shuffle_vector(p, p, idx(list(range(0, 16, 2)))),
+                        builder.shuffle_vector(p, p, idx(list(range(1, 16, 2)))))
+        return builder.shl(s, ir.Constant(_v8i32, [5] * 8))
+    return I32x8(I16x16, types.intp), codegen
+
+
+@intrinsic
+def sub_i32x8(typingctx, a, b):
+    def codegen(context, builder, sig, args):
+        return builder.sub(args[0], args[1])
+    return I32x8(I32x8, I32x8), codegen

@@ -150,23 +150,169 @@ def test_matmul(backend, t, rows, k, n):
     assert (np.abs(got - int_reference(w, t, x)) / scale).max() < 2e-6
 
 
-@pytest.mark.parametrize("t", TYPES, ids=NAMES)
-def test_backends_agree(t):
-    if not fk.cpu_has_avx2():
-        pytest.skip("this CPU lacks AVX2/FMA/F16C")
-    rng = np.random.default_rng(100 + t)
-    w = random_weights(rng, t, 65, 512)
-    x = rng.standard_normal((5, 512)).astype(np.float32)
+def _both_backends(w, t, x):
     outs = {}
     before = fk.backend()
     try:
         for b in BACKENDS:
             fk.set_backend(b)
-            outs[b] = np.empty((5, 65), np.float32)
+            outs[b] = np.full((x.shape[0], w.shape[0]), np.nan, np.float32)
             fk.matmul(w, t, x, outs[b])
     finally:
         fk.set_backend(before)
-    assert (np.abs(outs["portable"] - outs["avx2"]) / norms(w, t, x)).max() < 1e-6
+    return outs
+
+
+@pytest.mark.parametrize("n", [1, 6])
+@pytest.mark.parametrize("t", TYPES, ids=NAMES)
+def test_backends_bitwise_equal(t, n):
+    """Both backends follow llama.cpp's float order, so they give the same bits (odd row count:
+    the AVX2 kernel's lone last row; n = 6: one 4-column tile plus 2 single columns)."""
+    if not fk.cpu_has_avx2():
+        pytest.skip("this CPU lacks AVX2/FMA/F16C")
+    rng = np.random.default_rng(100 + t + n)
+    k = 768 if LAYOUTS[t].block_elems == 256 else 544  # 17 legacy blocks: the unrolled loops' tails
+    w = random_weights(rng, t, 65, k)
+    x = rng.standard_normal((n, k)).astype(np.float32)
+    outs = _both_backends(w, t, x)
+    assert np.array_equal(outs["portable"], outs["avx2"])
+
+
+@pytest.mark.parametrize("t", TYPES, ids=NAMES)
+def test_prefill_equals_decode(backend, t):
+    """Column j of an n-column matmul has the same bits as a matmul of column j alone (llama.cpp
+    computes the same per-(row, column) value in prefill as in decode)."""
+    rng = np.random.default_rng(200 + t)
+    k = 512 if LAYOUTS[t].block_elems == 256 else 320
+    w = random_weights(rng, t, 21, k)
+    x = rng.standard_normal((7, k)).astype(np.float32)
+    full = np.empty((7, 21), np.float32)
+    fk.matmul(w, t, x, full)
+    for j in range(7):
+        one = np.empty((1, 21), np.float32)
+        fk.matmul(w, t, x[j:j + 1], one)
+        assert np.array_equal(one[0], full[j]), f"column {j}"
+
+
+# ---- llama.cpp's float order, modelled in NumPy ----
+
+def _fma32(a, b, c):
+    """float32 fma via float64: the product of two float32 is exact in float64 and the sum rounds
+    (twice, 53 then 24 bits: in rare cases not fmaf's single rounding; fine as a test oracle)."""
+    return (np.float64(1) * a.astype(np.float64) * b.astype(np.float64) + c.astype(np.float64)).astype(np.float32)
+
+
+def _hsum8(a):  # llama.cpp's hsum_float_8 over the last axis
+    return ((a[..., 0] + a[..., 4]) + (a[..., 2] + a[..., 6])) + ((a[..., 1] + a[..., 5]) + (a[..., 3] + a[..., 7]))
+
+
+def llama_order_legacy(w, t, x):
+    """(n, rows) float32: ggml_vec_dot_{q4_0_q8_0, q4_1_q8_1, q8_0_q8_0} (AVX2) step by step.
+
+    acc (8 float32 lanes) = fma(f16(d_w) * d_x, float(lane l: sum of the 4 products of elements
+    4l..4l+3), acc) block after block; Q4_1: summs = fma(m, s_x, summs); result hsum8(acc) (+ summs).
+    """
+    L = LAYOUTS[t]
+    rows = w.shape[0]
+    n, k = x.shape
+    nb = k // 32
+    blocks = w.reshape(rows * nb, L.block_bytes)
+    vals = reference.quant_values(blocks, t).reshape(rows, nb, 32).astype(np.int64)
+    if L.name == "Q4_0":
+        vals -= 8
+    dw = blocks[:, :2].copy().view(np.float16).astype(np.float32).reshape(rows, nb)
+    q, d, s = reference.quantize_q8_32(x)
+    q = q.astype(np.int64).reshape(n, nb, 32)
+    lanes = (vals[:, None] * q[None]).reshape(rows, n, nb, 8, 4).sum(axis=-1).astype(np.float32)  # exact
+    acc = np.zeros((rows, n, 8), np.float32)
+    summs = np.zeros((rows, n), np.float32)
+    for b in range(nb):
+        dd = dw[:, None, b] * d[None, :, b]  # float32 product
+        acc = _fma32(np.broadcast_to(dd[..., None], acc.shape), lanes[:, :, b], acc)
+        if L.name == "Q4_1":
+            off = L.offset("m")
+            m = blocks[:, off:off + 2].copy().view(np.float16).astype(np.float32).reshape(rows, nb)
+            summs = _fma32(np.broadcast_to(m[:, None, b], summs.shape), np.broadcast_to(s[None, :, b], summs.shape), summs)
+    out = _hsum8(acc)
+    if L.name == "Q4_1":
+        out = out + summs
+    return out.T
+
+
+@pytest.mark.parametrize("n", [1, 5])
+@pytest.mark.parametrize("t", [2, 3, 8], ids=["Q4_0", "Q4_1", "Q8_0"])
+def test_matmul_is_llama_order(backend, t, n):
+    rng = np.random.default_rng(300 + t + n)
+    w = random_weights(rng, t, 19, 640)
+    x = rng.standard_normal((n, 640)).astype(np.float32)
+    out = np.empty((n, 19), np.float32)
+    fk.matmul(w, t, x, out)
+    assert np.array_equal(out, llama_order_legacy(w, t, x))
+
+
+# ---- against llama.cpp's own vec_dot kernels (the installed llama-cpp-python's libggml-cpu) ----
+
+_VEC_DOT = {2: ("q4_0_q8_0", "q8_0", 34, 32), 3: ("q4_1_q8_1", "q8_1", 36, 32), 6: ("q5_0_q8_0", "q8_0", 34, 32),
+            8: ("q8_0_q8_0", "q8_0", 34, 32), 12: ("q4_K_q8_K", "q8_K", 292, 256), 13: ("q5_K_q8_K", "q8_K", 292, 256),
+            14: ("q6_K_q8_K", "q8_K", 292, 256)}
+
+
+def _ggml_cpu():
+    """libggml-cpu of the installed llama-cpp-python, or None (not installed, not loadable, no AVX2:
+    without AVX2 its kernels take another order)."""
+    import ctypes
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not fk.cpu_has_avx2():
+        return None
+    lib = os.path.join(os.path.dirname(spec.origin), "lib")
+    try:
+        ctypes.CDLL(os.path.join(lib, "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
+        cpu = ctypes.CDLL(os.path.join(lib, "libggml-cpu.so"), mode=ctypes.RTLD_GLOBAL)
+        cpu.ggml_cpu_init()
+        if not cpu.ggml_cpu_has_avx2():
+            return None
+    except OSError:
+        return None
+    return cpu
+
+
+def ggml_matmul(cpu, w, t, x):
+    """(n, rows) float32 from ggml's quantize_row_q8_* and ggml_vec_dot_*_q8_* (one row . one column)."""
+    import ctypes
+
+    name, yq, yb, be = _VEC_DOT[t]
+    vec_dot, quant = getattr(cpu, "ggml_vec_dot_" + name), getattr(cpu, "quantize_row_" + yq)
+    n, k = x.shape
+    out = np.empty((n, w.shape[0]), np.float32)
+    s = ctypes.c_float()
+    vp = ctypes.c_void_p
+    for j in range(n):
+        xj = np.ascontiguousarray(x[j])
+        y = np.zeros(k // be * yb, np.uint8)
+        quant(xj.ctypes.data_as(vp), y.ctypes.data_as(vp), ctypes.c_int64(k))
+        for r in range(w.shape[0]):
+            vec_dot(ctypes.c_int(k), ctypes.byref(s), ctypes.c_size_t(0), w[r].ctypes.data_as(vp), ctypes.c_size_t(0),
+                    y.ctypes.data_as(vp), ctypes.c_size_t(0), ctypes.c_int(1))
+            out[j, r] = s.value
+    return out
+
+
+@pytest.mark.parametrize("t", sorted(_VEC_DOT), ids=[LAYOUTS[t].name for t in sorted(_VEC_DOT)])
+def test_matmul_equals_ggml_vec_dot(backend, t):
+    """Bit for bit what llama.cpp's AVX2 vec_dot gives (its decode path for every type it does not
+    repack; its prefill tile keeps the same per-(row, column) order)."""
+    cpu = _ggml_cpu()
+    if cpu is None:
+        pytest.skip("llama-cpp-python's libggml-cpu (AVX2) is not available")
+    rng = np.random.default_rng(400 + t)
+    k = 768 if LAYOUTS[t].block_elems == 256 else 544
+    w = random_weights(rng, t, 13, k)
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    out = np.empty((5, 13), np.float32)
+    fk.matmul(w, t, x, out)
+    assert np.array_equal(out, ggml_matmul(cpu, w, t, x))
 
 
 def test_parallel_path(backend):

