@@ -1,10 +1,11 @@
 """Raw GGUF rows x float32 activations -> float32 outputs, with AVX2 SIMD (simd.py intrinsics).
 
-The same integer math as portable.py (llama.cpp's): per 32 weights, unpack to 32 unsigned
-bytes (nibble split with vpsrlvd/vpand, fifth/sixth bits or-ed in), vpmaddubsw with the int8
-activations, vpmaddwd with ones (or with the K-quant sub-block scales) to 8 x i32, add the
-integer offset (-8 / -16 * sum(q_x)) to lane 0, then one vcvtdq2ps + FMA with d_w * d_x per
-block (per super-block for K-quants).  One horizontal sum per output.
+The same integer math and float order as portable.py, both llama.cpp's AVX2 order bit for bit
+(ggml_vec_dot_*_q8_*, tinyBLAS): per 32 weights, unpack to 32 bytes, vpmaddubsw with the int8
+activations, vpmaddwd to 8 x i32 (lane l: elements 4l..4l+3; Q4_0/Q5_0 subtract maddubs(8 or 16, x)
+first, Q6_K subtracts 32 * sc * bsums per lane pair), then one vcvtdq2ps + FMA with d_w * d_x into
+ONE 8-lane accumulator per output, blocks in order; Q4_1 / Q5_K keep a scalar fma chain for the
+mins, Q4_K a 4-lane one.  Reductions as llama.cpp's hsum_float_8.
 
 What it took to approach the memory-read ceiling on this Zen 3 (no VNNI), each measured:
 - a software prefetch 8 KiB ahead (0.59 -> 0.8 of the ceiling on one thread): the loops are
@@ -14,7 +15,8 @@ What it took to approach the memory-read ceiling on this Zen 3 (no VNNI), each m
 - weight scales as one table load + vbroadcastss, x scales and offsets as 4-byte scalars
   per block (not 32-byte splats) to keep the per-row x footprint in L1.
 
-Decode (one column) reads one weight row per iteration with two float accumulators.
+Decode (one column) reads two weight rows per iteration (legacy types, F32/F16), one accumulator
+each: two independent FMA chains without changing any row's order.
 Prefill (n > 1) takes the columns 4 at a time: each weight block is unpacked once and
 dotted with 4 activation rows (a 1 x 4 register tile; the row is re-read from L1 for the
 next 4 columns).

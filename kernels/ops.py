@@ -162,28 +162,36 @@ def rope(x, n_heads, head_dim, pos0, cos, sin, neox):
                     b = a + 1
                 x0 = x[i, a]
                 x1 = x[i, b]
-                x[i, a] = x0 * c - x1 * s
-                x[i, b] = x0 * s + x1 * c
+                # as ggml's C compiles them with FMA contraction: x0*c - x1*s and x0*s + x1*c
+                x[i, a] = fmaf(x0, c, -(x1 * s))
+                x[i, b] = fmaf(x0, s, x1 * c)
+
+
+@njit(nogil=True, cache=True)
+def _rope_tables(n_ctx, half, base, rope_dim, cos, sin):
+    f = np.float32
+    scale = f(math.pow(f(base), f(-2.0) / f(rope_dim)))  # float32 pow -> libm powf, as ggml
+    for p in range(n_ctx):
+        theta = f(p)
+        for k in range(half):
+            cos[p, k] = math.cos(theta)  # float32 cos/sin -> libm cosf/sinf, as ggml
+            sin[p, k] = math.sin(theta)
+            theta = theta * scale
 
 
 def rope_tables(n_ctx: int, rope_dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin of theta(pos, k) = pos * base^(-2k/rope_dim), two (n_ctx, rope_dim/2) f32 arrays.
 
-    Computed the way ggml does, in float32: theta_scale = powf(base, -2/rope_dim),
-    theta starts at pos and is multiplied by theta_scale once per pair, then
-    cosf/sinf (correctly rounded). Rounding theta differently flips the f16 rounding
-    of an occasional roped key, and 30 layers turn that into visible logit noise.
+    Computed the way ggml's rope cache does, in float32: theta_scale = powf(base, -2/rope_dim),
+    theta starts at pos and is multiplied by theta_scale once per pair, then cosf/sinf from the
+    C library. Rounding theta differently flips the f16 rounding of an occasional roped key,
+    and 30 layers turn that into visible logit noise.
     """
-    f32 = np.float32
-    scale = f32(np.power(np.float64(f32(base)), np.float64(f32(-2.0) / f32(rope_dim))))
     half = rope_dim // 2
-    theta = np.empty((n_ctx, half), f32)
-    t = np.arange(n_ctx, dtype=f32)
-    for k in range(half):
-        theta[:, k] = t
-        t = (t * scale).astype(f32)
-    th = theta.astype(np.float64)
-    return np.cos(th).astype(f32), np.sin(th).astype(f32)
+    cos = np.empty((n_ctx, half), np.float32)
+    sin = np.empty((n_ctx, half), np.float32)
+    _rope_tables(n_ctx, half, np.float32(base), rope_dim, cos, sin)
+    return cos, sin
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -193,41 +201,77 @@ def hsum8(a, o):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _attend(job, q, kcache, vcache, pos0, n_heads, group, head_dim, f16, scale, s, acc, out):
-    """One (query token, head) of `attention`; acc: 16 floats of scratch."""
+def reduce_4x8(a):
+    """ggml_vec_dot_f16's reduction of 4 accumulators x 8 lanes (a: 32 floats): acc0 += acc2,
+    acc1 += acc3, acc0 += acc1, then 128-bit halves added and two horizontal adds."""
+    for lane in range(8):
+        a[lane] = a[lane] + a[16 + lane]
+        a[8 + lane] = a[8 + lane] + a[24 + lane]
+        a[lane] = a[lane] + a[8 + lane]
+    return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _dot_f16(x, xo, y, yo, n, f16, tile, padded, acc):
+    """One product of llama.cpp's F16 x F16 matmul: sum x[xo+d] * y[yo+d] over d < n, where x holds
+    f16 bits (read through f16) and y float32 values already rounded to f16.
+
+    tile=True: the tinyBLAS tile kernel llama.cpp uses when a matmul has several columns (prefill):
+    one 8-lane FMA accumulator, hsum8. tile=False: ggml_vec_dot_f16, used for a single column
+    (decode): 4 accumulators over 32-wide steps, reduce_4x8, leftovers added in double —
+    padded=True when llama.cpp's operand is zero-padded to a multiple of 32 (the KV cache's
+    n_kv), so there are no leftovers.
+    """
+    if tile:
+        for lane in range(8):
+            acc[lane] = 0.0
+        for d in range(n):
+            acc[d % 8] = fmaf(f16[x[xo + d]], y[yo + d], acc[d % 8])
+        return hsum8(acc, 0)
+    for lane in range(32):
+        acc[lane] = 0.0
+    main = n if padded else n - n % 32
+    for d in range(main):
+        acc[d % 32] = fmaf(f16[x[xo + d]], y[yo + d], acc[d % 32])
+    tot = np.float64(reduce_4x8(acc))
+    for d in range(main, n):
+        tot += np.float64(f16[x[xo + d]] * y[yo + d])
+    return np.float32(tot)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _attend(job, q, kcache, vcache, pos0, n_heads, group, head_dim, f16, scale, tile, s, qh, vt, acc, out):
+    """One (query token, head) of `attention`. Scratch: s (>= T) scores, qh (head_dim) the query
+    rounded to f16, vt (>= T) one value column as f16 bits, acc (32 floats)."""
     i = job // n_heads
     h = job % n_heads
     kvo = (h // group) * head_dim
     qo = h * head_dim
     T = pos0 + i + 1
+    for d in range(head_dim):
+        qh[d] = f16round(q[i, qo + d])
     mx = np.float32(-np.inf)
     for t in range(T):
-        for lane in range(8):
-            acc[lane] = 0.0
-        for d in range(head_dim):
-            acc[d % 8] = fmaf(f16[kcache[t, kvo + d]], f16round(q[i, qo + d]), acc[d % 8])
-        v = hsum8(acc, 0) * scale
+        v = _dot_f16(kcache[t], kvo, qh, 0, head_dim, f16, tile, False, acc) * scale
         s[t] = v
         if v > mx:
             mx = v
     total = 0.0
-    for c0 in range(0, T, 8):  # 8-lane chunks; lanes past T hold exp(-inf) = 0
+    for c0 in range(0, T, 8):  # ggml_vec_soft_max_f32: 8-lane chunks, lanes past T hold exp(-inf) = 0
         for lane in range(8):
-            acc[8 + lane] = 0.0
+            acc[lane] = 0.0
         for lane in range(min(8, T - c0)):
             e = v_expf(s[c0 + lane] - mx)
-            acc[8 + lane] = e
+            acc[lane] = e
             s[c0 + lane] = e
-        total += np.float64(hsum8(acc, 8))
+        total += np.float64(hsum8(acc, 0))
     inv = np.float32(1.0 / total)
     for t in range(T):
         s[t] = f16round(s[t] * inv)
     for d in range(head_dim):
-        for lane in range(8):
-            acc[lane] = 0.0
         for t in range(T):
-            acc[t % 8] = fmaf(f16[vcache[t, kvo + d]], s[t], acc[t % 8])
-        out[i, qo + d] = hsum8(acc, 0)
+            vt[t] = vcache[t, kvo + d]
+        out[i, qo + d] = _dot_f16(vt, 0, s, 0, T, f16, tile, True, acc)
 
 
 @njit(nogil=True, cache=True, parallel=True)
@@ -239,16 +283,20 @@ def attention(q, kcache, vcache, pos0, n_heads, n_kv_heads, head_dim, f16, score
     out: (n, n_heads * head_dim) f32.  Query head h reads kv head h // (n_heads / n_kv_heads).
 
     The arithmetic replays llama.cpp's CPU graph (no flash attention) on AVX2 operation by
-    operation: q rounded to f16; q.k as its F16 x F16 tile kernel (one 8-lane FMA accumulator,
-    then hsum8); scale; softmax with ggml_v_expf, summed per 8 lanes in double; probabilities
-    rounded to f16; p.v the same way over positions.
+    operation: q rounded to f16; q.k as its F16 x F16 matmul (`_dot_f16`: the tile kernel for
+    several query tokens, vec_dot_f16 for one); scale; softmax with ggml_v_expf, summed per 8
+    lanes in double; probabilities rounded to f16; p.v the same way over positions.
     """
     jobs = q.shape[0] * n_heads
     scale = np.float32(1.0 / math.sqrt(head_dim))
-    accs = np.empty((jobs, 16), np.float32)
+    tile = q.shape[0] > 1
+    T = pos0 + q.shape[0]
+    accs = np.empty((jobs, 32), np.float32)
+    qhs = np.empty((jobs, head_dim), np.float32)
+    vts = np.empty((jobs, T), np.uint16)
     for job in prange(jobs):
-        _attend(job, q, kcache, vcache, pos0, n_heads, n_heads // n_kv_heads, head_dim, f16, scale,
-                scores[job], accs[job], out)
+        _attend(job, q, kcache, vcache, pos0, n_heads, n_heads // n_kv_heads, head_dim, f16, scale, tile,
+                scores[job], qhs[job], vts[job], accs[job], out)
 
 
 @njit(nogil=True, cache=True)
@@ -256,10 +304,13 @@ def attention_serial(q, kcache, vcache, pos0, n_heads, n_kv_heads, head_dim, f16
     """`attention` on the calling thread: for short contexts a parallel launch costs more than the work."""
     jobs = q.shape[0] * n_heads
     scale = np.float32(1.0 / math.sqrt(head_dim))
-    acc = np.empty(16, np.float32)
+    tile = q.shape[0] > 1
+    acc = np.empty(32, np.float32)
+    qh = np.empty(head_dim, np.float32)
+    vt = np.empty(pos0 + q.shape[0], np.uint16)
     for job in range(jobs):
-        _attend(job, q, kcache, vcache, pos0, n_heads, n_heads // n_kv_heads, head_dim, f16, scale,
-                scores[job], acc, out)
+        _attend(job, q, kcache, vcache, pos0, n_heads, n_heads // n_kv_heads, head_dim, f16, scale, tile,
+                scores[job], qh, vt, acc, out)
 
 
 @njit(nogil=True, cache=True)

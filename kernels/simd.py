@@ -517,10 +517,12 @@ def hsum_lo4(typingctx, v):
 @intrinsic
 def hsum_i32x8(typingctx, v):
     """Sum of the 8 int32 lanes (exact), as int64."""
-    def codegen(context, builder, sig, args):
-        s = builder.extract_element(args[0], ir.Constant(_i32, 0))
-        for i in range(1, 8):
-            s = builder.add(s, builder.extract_element(args[0], ir.Constant(_i32, i)))
+    def codegen(context, builder, sig, args):  # a tree (vextracti128, vpaddd, ...): integer, exact in any order
+        v = args[0]
+        m = lambda idx: ir.Constant(ir.VectorType(_i32, len(idx)), idx)  # noqa: E731
+        a = builder.add(builder.shuffle_vector(v, v, m([0, 1, 2, 3])), builder.shuffle_vector(v, v, m([4, 5, 6, 7])))
+        b = builder.add(builder.shuffle_vector(a, a, m([0, 1])), builder.shuffle_vector(a, a, m([2, 3])))
+        s = builder.add(builder.extract_element(b, ir.Constant(_i32, 0)), builder.extract_element(b, ir.Constant(_i32, 1)))
         return builder.sext(s, _i64)
     return types.int64(I32x8), codegen
 
