@@ -34,6 +34,7 @@ import numba
 import numpy as np
 
 from .arena import Arena
+from .calibrate import calibrate
 from .errors import FlexioError
 from .fetch import model_path
 from .gguf import open_gguf
@@ -124,6 +125,8 @@ class Engine:
         self.model = Model(self.config, self.n_ctx)
         warmup_kernels({t.ggml_type for t in gf.tensors if len(t.shape) > 1}, self.config)
         budget = self.budget if self.budget is not None else sum(t.nbytes for t in gf.tensors) * 2
+        if self.cost is None and self.policy == "auto" and self.mode in ("flexinfer", "no-prefetch"):
+            self.cost = calibrate(gf, self.threads)  # measured disk and kernel figures for the auto policy
         self.plan: Plan = plan_budget(gf, budget, window=self.window, policy=self.policy, mode=self.mode,
                                       cost=self.cost)
         if self.mode != "mmap":

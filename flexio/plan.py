@@ -154,6 +154,7 @@ class Plan:
     embedding_resident: bool  # False: rows are read on demand per pass
     model_bytes: int
     predicted: dict = field(default_factory=dict, compare=False)  # policy -> predicted s/token (auto)
+    cost: CostModel | None = field(default=None, compare=False)  # the figures `predicted` came from
 
     @property
     def resident_bytes(self) -> int:
@@ -209,6 +210,10 @@ class Plan:
                 parts.append(f"{t.info.role.split('.')[0]}:{tag}")
             lines.append(f"  {s.name:>9}: resident {fmt_bytes(s.resident_bytes):>11}  streams "
                          f"{fmt_bytes(s.streamed_bytes):>11}  [{' '.join(parts)}]")
+        if self.cost is not None:
+            c = self.cost
+            lines.append(f"  cost model: disk {c.disk_bps / 1e9:.2f} GB/s, {1e6 * c.request_s:.0f} us/request, "
+                         f"kernels {c.compute_bps / 1e9:.1f} GB/s, {1e6 * c.op_s:.0f} us/call")
         for k, v in self.predicted.items():
             lines.append(f"  predicted {k}: {1e3 * v:.1f} ms/token")
         return "\n".join(lines)
@@ -400,4 +405,4 @@ def plan_budget(gf: GGUFFile, budget: int | str, *, window: int = 3, policy: str
     cands = {pol: _fit(gf, stages_t, mode, pol, budget, window, balanced) for pol in ("ffn", "attn", "mixed")}
     predicted = {pol: cost.predict(p, overlap=mode != "no-prefetch") for pol, p in cands.items()}
     best = min(predicted, key=lambda k: (round(predicted[k], 9), ("ffn", "attn", "mixed").index(k)))
-    return replace(cands[best], predicted=predicted)
+    return replace(cands[best], predicted=predicted, cost=cost)

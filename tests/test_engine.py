@@ -134,3 +134,18 @@ def test_two_generations_on_one_engine_do_not_interleave(smollm2_path, reference
     alone, a, b = run(main())
     assert a == reference_tokens
     assert b == alone
+
+
+def test_calibration_feeds_the_auto_policy(smollm2_path, tmp_path, monkeypatch):
+    from flexio.calibrate import calibrate
+    from flexio.plan import plan_budget
+
+    monkeypatch.setenv("FLEXIO_CACHE", str(tmp_path))
+    gf = open_gguf(smollm2_path)
+    cm = calibrate(gf, 2)
+    assert cm.disk_bps > 1e6 and cm.compute_bps > 1e6 and 0 < cm.request_s < 1 and 0 < cm.op_s < 1
+    assert (tmp_path / "calibration.json").exists()
+    assert calibrate(gf, 2) == cm  # the second call reads the cache
+    p = plan_budget(gf, "40%", policy="auto", cost=cm)
+    assert p.cost == cm and p.policy == min(p.predicted, key=p.predicted.get)
+    assert "cost model: disk" in p.describe()
