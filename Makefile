@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PROMPT ?= The capital of France is
 MODEL  ?= smollm2
 
-.PHONY: install run test test-all bench bench-kernels bench-io bench-peer clean
+.PHONY: install run test test-all bench bench-kernels bench-io bench-peer bench-sweep clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,14 @@ bench-io: install
 
 bench-peer: install
 	$(BIN)/python -m flexio bench-peer $(MODEL)
+
+# throughput vs memory budget on a 7B-shaped model (synthesized once, 3.9 GB); JSON lines + PNG in bench/results
+SWEEP_MODEL ?= $(HOME)/.cache/flexio/llama2-7b-q4_0.gguf
+bench-sweep: install
+	test -f $(SWEEP_MODEL) || $(BIN)/python -m flexio synth --like llama2-7b --quant q4_0 --out $(SWEEP_MODEL)
+	$(BIN)/python -m flexio bench-sweep $(SWEEP_MODEL) --budgets 10%,25%,50%,75%,90% \
+		--modes flexinfer,no-balance,prefetch-only,sync,mmap -n 6 \
+		--out bench/results/sweep-llama2-7b-q4_0.png | tee bench/results/sweep-llama2-7b-q4_0.jsonl
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -3,8 +3,8 @@
 Both engines get the same file, the same thread count, the same prompt tokens and
 greedy decoding, and run alternately (flexio, llama.cpp, flexio, ...) in one
 process so that a noisy shared machine affects both alike; medians are reported.
-llama.cpp's own perf counters time its side (prompt eval and eval), flexio's
-GenerationStats time ours. Without llama-cpp-python only flexio is measured.
+GenerationStats time ours (wall clock around the same calls on both sides). Without
+llama-cpp-python only flexio is measured.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import json
 import platform
 import statistics
 import sys
+import time
 
 from .fetch import DEFAULT_MODEL, model_path
 
@@ -34,17 +35,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _llama_cpp_run(llm, llama_cpp, tokens: list[int], n: int) -> tuple[float, float]:
-    ctx = llm._ctx.ctx
+    """(prefill tok/s, decode tok/s) of llama.cpp on `tokens` then n - 1 greedy decode steps."""
+    import numpy as np
+
+    def logits():
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
+
     llm.reset()
-    llama_cpp.llama_perf_context_reset(ctx)
+    llm._ctx.kv_cache_clear() if hasattr(llm._ctx, "kv_cache_clear") else None
+    t0 = time.perf_counter()
     llm.eval(tokens)
+    t1 = time.perf_counter()
     for _ in range(n - 1):
-        nxt = int(llm.scores[llm.n_tokens - 1].argmax())
-        llm.eval([nxt])
-    perf = llama_cpp.llama_perf_context(ctx)
-    prompt_tok_s = perf.n_p_eval / (perf.t_p_eval_ms / 1e3) if perf.t_p_eval_ms else 0.0
-    decode_tok_s = perf.n_eval / (perf.t_eval_ms / 1e3) if perf.t_eval_ms else 0.0
-    return prompt_tok_s, decode_tok_s
+        llm.eval([int(np.argmax(logits()))])
+    t2 = time.perf_counter()
+    return len(tokens) / (t1 - t0), (n - 1) / (t2 - t1) if n > 1 else 0.0
 
 
 async def _bench(args: argparse.Namespace) -> dict:

@@ -212,66 +212,80 @@ def reduce_4x8(a):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _dot_f16(x, xo, y, yo, n, f16, tile, padded, acc):
-    """One product of llama.cpp's F16 x F16 matmul: sum x[xo+d] * y[yo+d] over d < n, where x holds
-    f16 bits (read through f16) and y float32 values already rounded to f16.
-
-    tile=True: the tinyBLAS tile kernel llama.cpp uses when a matmul has several columns (prefill):
-    one 8-lane FMA accumulator, hsum8. tile=False: ggml_vec_dot_f16, used for a single column
-    (decode): 4 accumulators over 32-wide steps, reduce_4x8, leftovers added in double —
-    padded=True when llama.cpp's operand is zero-padded to a multiple of 32 (the KV cache's
-    n_kv), so there are no leftovers.
-    """
-    if tile:
-        for lane in range(8):
-            acc[lane] = 0.0
-        for d in range(n):
-            acc[d % 8] = fmaf(f16[x[xo + d]], y[yo + d], acc[d % 8])
-        return hsum8(acc, 0)
-    for lane in range(32):
-        acc[lane] = 0.0
-    main = n if padded else n - n % 32
-    for d in range(main):
-        acc[d % 32] = fmaf(f16[x[xo + d]], y[yo + d], acc[d % 32])
-    tot = np.float64(reduce_4x8(acc))
-    for d in range(main, n):
-        tot += np.float64(f16[x[xo + d]] * y[yo + d])
-    return np.float32(tot)
-
-
-@njit(nogil=True, cache=True, inline="always")
-def _attend(job, q, kcache, vcache, pos0, n_heads, group, head_dim, f16, scale, tile, s, qh, vt, acc, out):
-    """One (query token, head) of `attention`. Scratch: s (>= T) scores, qh (head_dim) the query
-    rounded to f16, vt (>= T) one value column as f16 bits, acc (32 floats)."""
-    i = job // n_heads
-    h = job % n_heads
-    kvo = (h // group) * head_dim
-    qo = h * head_dim
+def _attend_group(job, q, kcache, vcache, pos0, n_heads, n_kv_heads, head_dim, f16, scale, tile, scores, out):
+    """Query token i = job // n_kv_heads against kv head g = job % n_kv_heads, for the query heads
+    that share it (GQA). The kv head's keys and values up to T are converted from f16 once into
+    float32 blocks, so that every inner loop below runs over contiguous float32 and vectorizes;
+    the arithmetic per output element is unchanged (see `attention`)."""
+    i = job // n_kv_heads
+    g = job % n_kv_heads
+    group = n_heads // n_kv_heads
+    kvo = g * head_dim
     T = pos0 + i + 1
-    for d in range(head_dim):
-        qh[d] = f16round(q[i, qo + d])
-    mx = np.float32(-np.inf)
+    hd = head_dim
+    k32 = np.empty((T, hd), np.float32)
+    v32 = np.empty((T, hd), np.float32)
     for t in range(T):
-        v = _dot_f16(kcache[t], kvo, qh, 0, head_dim, f16, tile, False, acc) * scale
-        s[t] = v
-        if v > mx:
-            mx = v
-    total = 0.0
-    for c0 in range(0, T, 8):  # ggml_vec_soft_max_f32: 8-lane chunks, lanes past T hold exp(-inf) = 0
-        for lane in range(8):
-            acc[lane] = 0.0
-        for lane in range(min(8, T - c0)):
-            e = v_expf(s[c0 + lane] - mx)
-            acc[lane] = e
-            s[c0 + lane] = e
-        total += np.float64(hsum8(acc, 0))
-    inv = np.float32(1.0 / total)
-    for t in range(T):
-        s[t] = f16round(s[t] * inv)
-    for d in range(head_dim):
+        for d in range(hd):
+            k32[t, d] = f16[kcache[t, kvo + d]]
+            v32[t, d] = f16[vcache[t, kvo + d]]
+    lanes = 8 if tile else 32
+    acc = np.zeros(32, np.float32)
+    qh = np.empty(hd, np.float32)
+    A = np.empty((lanes, hd), np.float32)
+    main = hd - hd % lanes
+    for hq in range(g * group, (g + 1) * group):
+        qo = hq * hd
+        s = scores[i * n_heads + hq]
+        for d in range(hd):
+            qh[d] = f16round(q[i, qo + d])
+        # scores: q . k as llama.cpp's F16 matmul (tile kernel: 8 lanes + hsum8; vec_dot_f16: 32 lanes
+        # = 4 accumulators x 8 + reduce_4x8, leftovers in double)
+        mx = np.float32(-np.inf)
         for t in range(T):
-            vt[t] = vcache[t, kvo + d]
-        out[i, qo + d] = _dot_f16(vt, 0, s, 0, T, f16, tile, True, acc)
+            for lane in range(lanes):
+                acc[lane] = 0.0
+            for d0 in range(0, main, lanes):
+                for lane in range(lanes):
+                    acc[lane] = fmaf(k32[t, d0 + lane], qh[d0 + lane], acc[lane])
+            if tile:
+                for d in range(main, hd):
+                    acc[d % 8] = fmaf(k32[t, d], qh[d], acc[d % 8])
+                v = hsum8(acc, 0)
+            else:
+                tot = np.float64(reduce_4x8(acc))
+                for d in range(main, hd):
+                    tot += np.float64(k32[t, d] * qh[d])
+                v = np.float32(tot)
+            v = v * scale
+            s[t] = v
+            if v > mx:
+                mx = v
+        # softmax as ggml_vec_soft_max_f32: 8-lane chunks of ggml_v_expf, chunk sums in double
+        total = 0.0
+        for c0 in range(0, T, 8):
+            for lane in range(8):
+                acc[lane] = 0.0
+            for lane in range(min(8, T - c0)):
+                e = v_expf(s[c0 + lane] - mx)
+                acc[lane] = e
+                s[c0 + lane] = e
+            total += np.float64(hsum8(acc, 0))
+        inv = np.float32(1.0 / total)
+        for t in range(T):
+            s[t] = f16round(s[t] * inv)
+        # p . v over positions (zero-padded to the lane width: no leftovers), lane = t % lanes,
+        # vectorized across the head dimension
+        A[:, :] = 0.0
+        for t in range(T):
+            lane = t % lanes
+            p = s[t]
+            for d in range(hd):
+                A[lane, d] = fmaf(v32[t, d], p, A[lane, d])
+        for d in range(hd):
+            for lane in range(lanes):
+                acc[lane] = A[lane, d]
+            out[i, qo + d] = hsum8(acc, 0) if tile else reduce_4x8(acc)
 
 
 @njit(nogil=True, cache=True, parallel=True)
@@ -283,34 +297,24 @@ def attention(q, kcache, vcache, pos0, n_heads, n_kv_heads, head_dim, f16, score
     out: (n, n_heads * head_dim) f32.  Query head h reads kv head h // (n_heads / n_kv_heads).
 
     The arithmetic replays llama.cpp's CPU graph (no flash attention) on AVX2 operation by
-    operation: q rounded to f16; q.k as its F16 x F16 matmul (`_dot_f16`: the tile kernel for
-    several query tokens, vec_dot_f16 for one); scale; softmax with ggml_v_expf, summed per 8
-    lanes in double; probabilities rounded to f16; p.v the same way over positions.
+    operation: q rounded to f16; q.k as its F16 x F16 matmul (the tile kernel when several query
+    tokens are computed together, vec_dot_f16 for one); scale; softmax with ggml_v_expf, summed
+    per 8 lanes in double; probabilities rounded to f16; p.v the same way over positions.
     """
-    jobs = q.shape[0] * n_heads
+    jobs = q.shape[0] * n_kv_heads
     scale = np.float32(1.0 / math.sqrt(head_dim))
     tile = q.shape[0] > 1
-    T = pos0 + q.shape[0]
-    accs = np.empty((jobs, 32), np.float32)
-    qhs = np.empty((jobs, head_dim), np.float32)
-    vts = np.empty((jobs, T), np.uint16)
     for job in prange(jobs):
-        _attend(job, q, kcache, vcache, pos0, n_heads, n_heads // n_kv_heads, head_dim, f16, scale, tile,
-                scores[job], qhs[job], vts[job], accs[job], out)
+        _attend_group(job, q, kcache, vcache, pos0, n_heads, n_kv_heads, head_dim, f16, scale, tile, scores, out)
 
 
 @njit(nogil=True, cache=True)
 def attention_serial(q, kcache, vcache, pos0, n_heads, n_kv_heads, head_dim, f16, scores, out):
     """`attention` on the calling thread: for short contexts a parallel launch costs more than the work."""
-    jobs = q.shape[0] * n_heads
     scale = np.float32(1.0 / math.sqrt(head_dim))
     tile = q.shape[0] > 1
-    acc = np.empty(32, np.float32)
-    qh = np.empty(head_dim, np.float32)
-    vt = np.empty(pos0 + q.shape[0], np.uint16)
-    for job in range(jobs):
-        _attend(job, q, kcache, vcache, pos0, n_heads, n_heads // n_kv_heads, head_dim, f16, scale, tile,
-                scores[job], qh, vt, acc, out)
+    for job in range(q.shape[0] * n_kv_heads):
+        _attend_group(job, q, kcache, vcache, pos0, n_heads, n_kv_heads, head_dim, f16, scale, tile, scores, out)
 
 
 @njit(nogil=True, cache=True)
