@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -338,10 +337,6 @@ class GGUFFile:
 
     def layer_tensors(self, layer: int) -> list[TensorInfo]:
         return [t for t in self.tensors if t.layer == layer]
-
-    @cached_property
-    def global_tensors(self) -> list[TensorInfo]:
-        return [t for t in self.tensors if t.layer is None]
 
     def read_tensor_bytes(self, t: TensorInfo) -> np.ndarray:
         """Read one tensor's bytes into a new uint8 array shaped (rows, row_bytes)."""

@@ -68,32 +68,11 @@ class LayerWeights:
     bv: np.ndarray | None = None  # (kv,)
 
 
-@dataclass
-class GlobalWeights:
-    token_embd: Weight  # (vocab, d)
-    output_norm: np.ndarray  # (d,)
-    output: Weight  # (vocab, d); token_embd again when tied
-
-
 LAYER_FIELDS = {
     "attn_norm.weight": "attn_norm", "attn_q.weight": "wq", "attn_k.weight": "wk", "attn_v.weight": "wv",
     "attn_output.weight": "wo", "ffn_norm.weight": "ffn_norm", "ffn_gate.weight": "wg",
     "ffn_up.weight": "wu", "ffn_down.weight": "wd", "attn_q.bias": "bq", "attn_k.bias": "bk", "attn_v.bias": "bv",
 }
-
-
-def layer_weights(tensors: dict[str, tuple[TensorInfo, list[tuple[int, np.ndarray]]]]) -> LayerWeights:
-    """{role: (TensorInfo, parts)} for one layer -> LayerWeights (vectors viewed as float32)."""
-    kw = {}
-    for role, (t, parts) in tensors.items():
-        field = LAYER_FIELDS.get(role)
-        if field is None:
-            continue
-        if len(t.shape) == 1:
-            kw[field] = vector(t, parts[0][1])
-        else:
-            kw[field] = weight(t, parts)
-    return LayerWeights(**kw)
 
 
 def warmup_kernels(ggml_types: set[int], cfg: ModelConfig) -> None:
@@ -251,10 +230,3 @@ class Model:
         h = np.empty_like(x_last)
         ops.rmsnorm(x_last, norm, self.cfg.norm_eps, h)
         return h
-
-    def logits(self, g: GlobalWeights, x_last: np.ndarray) -> np.ndarray:
-        """x_last (1, d) -> logits (vocab,) f32 (a new array)."""
-        h = self.final_norm(g.output_norm, x_last)
-        out = np.empty((1, g.output.rows), np.float32)
-        g.output.matmul(h, out)
-        return out[0]

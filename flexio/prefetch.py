@@ -19,9 +19,10 @@ How the two sides meet
 
 Failure and cancellation
   An I/O error is stored and wakes the compute thread, which raises it (no hang).
-  `abort()` wakes a blocked compute thread with StreamAborted; the pump's reads
-  are cancelled by the reader and the counters rewound so the next pass starts
-  clean.
+  `abort()` (engine closing) wakes a blocked compute thread with StreamAborted;
+  the pump's reads are cancelled by the reader. A cancelled generation needs
+  neither: its pass runs to the end on the compute thread, so the counters stay
+  in step with the next pass.
 """
 
 from __future__ import annotations
@@ -262,13 +263,6 @@ class StageStream:
         with self._cond:
             self._aborted = True
             self._cond.notify_all()
-
-    def rewind(self) -> None:
-        """After an abort, with the pump stopped: next pass starts at stage 0 with empty slots."""
-        with self._cond:
-            self.loaded = self.consumed = 0
-            self._aborted = False
-            self._error = None
 
     def statistics(self) -> StreamStats:
         return StreamStats(self.passes, self.loaded, self.bytes_read, self.wait_s)
