@@ -118,7 +118,6 @@ class Engine:
             raise
 
     def _load(self, path: str) -> None:
-        numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
         self.gguf = gf = open_gguf(path)
         self.config = gf.config
         self.tokenizer = Tokenizer.from_gguf(gf)

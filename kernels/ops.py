@@ -17,8 +17,10 @@ import math
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange
-from numba.core import cgutils, types
+from numba.core import types
 from numba.extending import intrinsic
+
+from .simd import fma32 as fmaf  # a * b + c rounded once (llvm.fma.f32)
 
 
 F16_TO_F32 = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)  # (65536,)
@@ -26,20 +28,7 @@ F16_TO_F32 = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float3
 
 # --- scalar float32 primitives with exact rounding -------------------------------------
 # Numba keeps float32 arithmetic in float32 and never contracts a*b+c (no fastmath), so these
-# three are all that is needed to replay ggml's SIMD float code lane by lane.
-
-@intrinsic
-def fmaf(typingctx, a, b, c):
-    """a * b + c rounded once (llvm.fma.f32)."""
-    sig = types.float32(types.float32, types.float32, types.float32)
-
-    def codegen(context, builder, signature, args):
-        f = ir.FloatType()
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f, [f, f, f]), "llvm.fma.f32")
-        return builder.call(fn, args)
-
-    return sig, codegen
-
+# two and simd.fma32 are all that is needed to replay ggml's SIMD float code lane by lane.
 
 @intrinsic
 def f32_bits(typingctx, x):

@@ -232,13 +232,6 @@ def dot_ss(typingctx, s8, xaddr):
 # ---- int32 / float lanes ----
 
 @intrinsic
-def zero_i32x8(typingctx):
-    def codegen(context, builder, sig, args):
-        return ir.Constant(_v8i32, None)
-    return I32x8(), codegen
-
-
-@intrinsic
 def add_i32x8(typingctx, a, b):
     def codegen(context, builder, sig, args):
         return builder.add(args[0], args[1])
@@ -268,13 +261,6 @@ def fma_f(typingctx, acc, a, b):
     def codegen(context, builder, sig, args):
         return builder.call(_fn(builder, "llvm.fma.v8f32", _v8f32, [_v8f32] * 3), [args[1], args[2], args[0]])
     return F32x8(F32x8, F32x8, F32x8), codegen
-
-
-@intrinsic
-def add_f32x8(typingctx, a, b):
-    def codegen(context, builder, sig, args):
-        return builder.fadd(args[0], args[1])
-    return F32x8(F32x8, F32x8), codegen
 
 
 @intrinsic
@@ -367,8 +353,8 @@ def q6_scales(typingctx, addr):
 
 @intrinsic
 def k_dup(typingctx, scv, half):
-    """scv lanes 8h..8h+7 repeated in both 128-bit halves (h a literal): the table dot_us_k /
-    dot_us_off_k pick scales from with one in-lane vpshufb each."""
+    """scv lanes 8h..8h+7 repeated in both 128-bit halves (h a literal): the table dot_us_k
+    picks scales from with one in-lane vpshufb each."""
     if not isinstance(half, types.IntegerLiteral):
         return None
 
@@ -398,21 +384,6 @@ def dot_us_k(typingctx, u, xaddr, scd, i):
 
 
 @intrinsic
-def dot_us_off_k(typingctx, u, xaddr, off, scd, lo, hi):
-    """Q6_K: (u - off) . x over 32 values, the first 16 times scale lo of scd, the last 16 times scale hi
-    (scd a k_dup table, lo / hi literals): maddubs(u, x) - maddubs(off, x) in 16 bits, then vpmaddwd."""
-    if not isinstance(lo, types.IntegerLiteral) or not isinstance(hi, types.IntegerLiteral):
-        return None
-
-    def codegen(context, builder, sig, args):
-        x = _load(builder, args[1], _v32i8)
-        o = _splat(builder, builder.trunc(args[2], _i8), _v32i8)
-        p = builder.sub(_maddubs(builder, args[0], x), _maddubs(builder, o, x))
-        return _maddwd(builder, p, _pick16(builder, args[3], sig.args[4].literal_value, sig.args[5].literal_value))
-    return I32x8(I8x32, types.intp, types.int64, I16x16, lo, hi), codegen
-
-
-@intrinsic
 def k4_mins(typingctx, scv, bsaddr):
     """8 x i32: m[i] * (bs[2i] + bs[2i+1]) with m = scv[8..15] and 16 int32 activation sums at bsaddr."""
     def codegen(context, builder, sig, args):
@@ -438,24 +409,6 @@ def splat_tab(typingctx, tab, addr):
         p = builder.add(args[0], builder.mul(h, ir.Constant(_i64, 4)))
         return _splat(builder, _load(builder, p, _f32, align=4), _v8f32)
     return F32x8(types.intp, types.intp), codegen
-
-
-@intrinsic
-def add_lane0_ld(typingctx, v, addr):
-    """v with the int32 at addr added to lane 0 (vmovd from memory zeroes the other lanes, + vpaddd)."""
-    def codegen(context, builder, sig, args):
-        s = _load(builder, args[1], _i32, align=4)
-        return builder.add(args[0], builder.insert_element(ir.Constant(_v8i32, None), s, ir.Constant(_i32, 0)))
-    return I32x8(I32x8, types.intp), codegen
-
-
-@intrinsic
-def lane0_f32_ld(typingctx, addr):
-    """(float32 at addr, 0, ..., 0) (vmovss from memory)."""
-    def codegen(context, builder, sig, args):
-        s = _load(builder, args[0], _f32, align=4)
-        return builder.insert_element(ir.Constant(_v8f32, None), s, ir.Constant(_i32, 0))
-    return F32x8(types.intp), codegen
 
 
 # ---- llama.cpp's exact float order (one 8-lane accumulator per output, fixed reductions) ----
