@@ -220,6 +220,11 @@ class Arena:
         anchor = ctypes.c_char.from_buffer(self._mm)  # temporary export, only to learn the address
         self.address = ctypes.addressof(anchor)
         del anchor
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            try:  # as numpy does for large arrays: 2 MiB pages for the gigabytes kernels stream through (before mlock faults them in)
+                self._mm.madvise(mmap.MADV_HUGEPAGE)
+            except OSError:  # THP disabled ("never") or unsupported: 4 KiB pages, same bytes
+                pass
         self._view: memoryview = memoryview(self._mm)
         self._lock = threading.Lock()
         self._free_list: list[tuple[int, int]] = [(0, self.size)]  # (offset, nbytes), sorted by offset

@@ -9,9 +9,16 @@ read with O_DIRECT, so the page cache cannot hold them behind the budget's back;
 peak memory is read from the cgroup (or the child's rusage).
 
 The bound of a point is 1 / max(T_io, T_cpu): T_io = streamed bytes per token /
-disk bandwidth (fio when installed, else the best raw io_uring O_DIRECT read of the
-file, measured in the same run), T_cpu = the in-memory decode time per token
-(mode `memory`, measured in the same run).
+disk bandwidth, T_cpu = the in-memory decode time per token (mode `memory`, same
+run). The disk bandwidth is measured for each point, right before and right after
+it: the raw io_uring reader (O_DIRECT, depth 64, no engine, no compute) reads the
+very reads the point's plan issues per token (same offsets, same 4 MiB pieces)
+twice over, after one unmeasured pass, as decode re-reads them. (fio cannot
+replay them: its iolog replay under-counts bytes. The header compares the raw
+reader with fio on the whole file, in the same run.) On a virtual disk whose speed swings from minute
+to minute (and whose host caches what was read recently), a single ceiling for
+the whole sweep would make the ratios noise. With --reps N every point runs N
+times, the points interleaved, and the lines give medians.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import importlib.util
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,7 +37,8 @@ import time
 from .bench_io import drop_caches
 from .fetch import model_path
 from .gguf import open_gguf
-from .plan import MODES, fmt_bytes, parse_size, plan_budget
+from .plan import MODES, Plan, aligned_span, fmt_bytes, parse_size, plan_budget
+from .reader import DEFAULT_CHUNK_SIZE
 
 CGROUP_V1 = "/sys/fs/cgroup/memory"
 OVERHEAD = 768 << 20  # Python + Numba + numpy + tokenizer + KV cache + scratch (measured RSS of memory mode minus weights)
@@ -43,7 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", default="flexinfer,no-balance,prefetch-only,sync,mmap",
                    help=f"comma-separated modes among {', '.join(MODES)} (default: %(default)s)")
     p.add_argument("-n", "--decode-tokens", type=int, default=8, help="tokens decoded per point (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="compute threads (default: all cores)")
+    p.add_argument("--reps", type=int, default=1, help="runs of every point, interleaved; lines give medians")
     p.add_argument("--overhead", default=str(OVERHEAD), help="memory added to the budget for the cgroup limit")
     p.add_argument("--no-cgroup", action="store_true", help="do not confine the children in a memory cgroup")
     p.add_argument("--llama-cpp", action="store_true", help="also run llama.cpp (mmap) in the same cgroup limit")
@@ -121,30 +131,81 @@ def _child(cmd: list[str], limit: int | None, timeout: float) -> dict:
             return {"error": f"exit {proc.returncode}: {' | '.join(tail)}"}
         res = json.loads(out.strip().splitlines()[-1])
         res["wall_s"] = round(wall, 2)
-        res["peak_bytes"] = cg.peak() if cg else None
+        res["peak_bytes"] = cg.peak() if cg else res.get("peak_rss_bytes")  # the cgroup's count includes page cache
         return res
     finally:
         if cg:
             cg.close()
 
 
-def _disk_ceiling(path: str, reps: int = 2) -> tuple[float, str]:
-    """Bytes/s of the best cold read of the file's layers: fio (io_uring, O_DIRECT, registered
-    buffers) when installed, else flexio's own io_uring reader; best of `reps` cold runs."""
-    from .arena import Arena
-    from .bench_io import layer_extents, m_fio, m_reader
+def _disk_ceiling(path: str, reps: int = 2) -> dict:
+    """The sweep's reference figures, best of `reps` cold reads of the file's layers: fio
+    (io_uring, O_DIRECT, registered buffers) when installed, and flexio's raw io_uring reader,
+    which measures each point's own ceiling; their ratio shows that ceiling is fio's."""
+    from .bench_io import layer_extents, m_fio
 
     extents, nbytes, _ = layer_extents(path)
-    best, how = 0.0, ""
+    reads = [(start + o, min(DEFAULT_CHUNK_SIZE, n - o)) for start, n in extents for o in range(0, n, DEFAULT_CHUNK_SIZE)]
+    fio = raw = 0.0
     for _ in range(reps):
-        _cold()
         if shutil.which("fio"):
-            run, how = m_fio(path, extents, None, fixedbufs=True, nbytes=nbytes), "fio"
-        else:
-            with Arena(32 * (4 << 20), name="ceiling", lock=False) as arena:
-                run, how = m_reader(path, extents, arena, backend="io_uring", qd=32, chunk=4 << 20, nbytes=nbytes), "io_uring"
-        best = max(best, run.nbytes / run.secs[0])
-    return best, how
+            _cold()
+            run = m_fio(path, extents, None, fixedbufs=True, nbytes=nbytes)
+            fio = max(fio, run.nbytes / run.secs[0])
+        _cold()
+        raw = max(raw, read_rate(path, reads, passes=1))
+    out = {"disk_bps_raw_io_uring": round(raw)}
+    if fio:
+        out.update(disk_bps_fio=round(fio), raw_io_uring_vs_fio=round(raw / fio, 3))
+    return out
+
+
+def plan_reads(plan: Plan, size: int) -> list[tuple[int, int]]:
+    """The (offset, nbytes) reads one decode pass of `plan` issues, in order, cut into the
+    reader's chunks: what the engine asks of the disk per token."""
+    out = []
+    for s in plan.stages:
+        for _tp, off, n in s.segments:
+            start, nbytes = aligned_span(off, n)
+            nbytes = min(nbytes, size - start)
+            for o in range(0, nbytes, DEFAULT_CHUNK_SIZE):
+                out.append((start + o, min(DEFAULT_CHUNK_SIZE, nbytes - o)))
+    return out
+
+
+def read_rate(path: str, reads: list[tuple[int, int]], passes: int, depth: int = 64) -> float:
+    """Bytes/s of reading `reads` `passes` times over with nothing else going on: flexio's
+    io_uring reader (O_DIRECT) at `depth`, into a ring of unlocked buffers."""
+    if not reads:
+        return 0.0
+    import asyncio
+
+    from .arena import Arena
+    from .reader import Reader
+
+    async def go() -> float:
+        n_bufs = min(len(reads), depth)
+        with Arena(n_bufs * DEFAULT_CHUNK_SIZE, name="ceiling", lock=False) as arena:
+            bufs = [arena.alloc(DEFAULT_CHUNK_SIZE) for _ in range(n_bufs)]
+            try:
+                async with Reader(path, queue_depth=depth) as rd:
+                    t0 = time.perf_counter()
+                    for _ in range(passes):
+                        await rd.read_ranges([(off, n, bufs[i % n_bufs].view) for i, (off, n) in enumerate(reads)])
+                    dt = time.perf_counter() - t0
+            finally:
+                for b in bufs:
+                    b.release()
+        return passes * sum(n for _, n in reads) / dt
+
+    return asyncio.run(go())
+
+
+def point_ceiling(path: str, reads: list[tuple[int, int]]) -> float:
+    """The disk's rate for this point's reads as decode sees them: one pass unmeasured (decode
+    re-reads the same bytes every token), then two passes measured."""
+    read_rate(path, reads, passes=1)
+    return read_rate(path, reads, passes=2)
 
 
 def _fit_r2(xs: list[float], ys: list[float]) -> float | None:
@@ -204,56 +265,47 @@ def run(args: argparse.Namespace) -> int:
         header["cgroup_skipped"] = why
     if not root:
         header["note"] = "not root: caches not dropped, figures are warm"
-    ceiling, how = _disk_ceiling(path)
-    header.update(disk_bps=round(ceiling), disk_ceiling_by=how)
+    header.update(_disk_ceiling(path), reps=args.reps)
     gen = [sys.executable, "-m", "flexio", "generate", "--model", path, "--prompt", PROMPT,
            "-n", str(args.decode_tokens), "--threads", str(args.threads), "--json"]
-    # in-memory compute time per token, warm (the compute side of the bound)
-    mem = _child(gen + ["--mode", "memory"], None, args.timeout)
-    mem = _child(gen + ["--mode", "memory"], None, args.timeout) if "error" not in mem else mem
-    t_cpu = 1.0 / mem["decode_tok_s"] if mem.get("decode_tok_s") else None
-    header.update(memory_decode_tok_s=mem.get("decode_tok_s"), t_cpu_s=t_cpu, memory_error=mem.get("error"))
+    # in-memory compute time per token, warm (the compute side of the bound): best of two
+    mems = [_child(gen + ["--mode", "memory"], None, args.timeout) for _ in range(2)]
+    mem_tok_s = max((m.get("decode_tok_s") or 0.0 for m in mems), default=0.0)
+    t_cpu = 1.0 / mem_tok_s if mem_tok_s else None
+    header.update(memory_decode_tok_s=mem_tok_s or None, t_cpu_s=t_cpu,
+                  memory_error=next((m["error"] for m in mems if "error" in m), None))
     print(json.dumps({"header": header}), flush=True)
-    points, bound = [], []
-    for budget in budgets:
-        frac = budget / total
-        for mode in modes:
-            try:
-                plan = plan_budget(gf, budget, mode=mode) if mode != "mmap" else None
-            except Exception as e:  # below the minimum for this mode
-                rec = {"mode": mode, "budget_bytes": budget, "budget_frac": round(frac, 4), "error": str(e)}
-                print(json.dumps(rec), flush=True)
-                points.append(rec)
-                continue
-            streamed = plan.streamed_bytes_per_token if plan else max(0, total - budget)
-            t_io = streamed / ceiling
-            bound_tok_s = 1.0 / max(t_io, t_cpu or 0.0) if max(t_io, t_cpu or 0.0) > 0 else None
-            _cold()
-            limit = budget + overhead if use_cg else None
-            res = _child(gen + ["--mode", mode, "--budget", str(budget)], limit, args.timeout)
-            rec = {"mode": mode, "budget_bytes": budget, "budget_frac": round(frac, 4),
-                   "streamed_bytes_per_token": streamed, "decode_tok_s": res.get("decode_tok_s"),
-                   "bound_tok_s": round(bound_tok_s, 3) if bound_tok_s else None,
-                   "peak_rss_bytes": res.get("peak_bytes"), "cgroup_limit_bytes": limit,
-                   "policy": res.get("policy"), "io_backend": res.get("io_backend")}
-            if rec["decode_tok_s"] and bound_tok_s:
-                rec["ratio_to_bound"] = round(rec["decode_tok_s"] / bound_tok_s, 3)
-            if "error" in res:
-                rec["error"] = res["error"]
-            print(json.dumps(rec), flush=True)
-            points.append(rec)
-            if mode == modes[0] and bound_tok_s:
-                bound.append((frac, bound_tok_s))
-        if args.llama_cpp:
-            _cold()
-            res = _llama_cpp_point(path, args, budget + overhead if use_cg else None)
-            rec = {"mode": "llama.cpp-mmap", "budget_bytes": budget, "budget_frac": round(frac, 4), **res}
-            print(json.dumps(rec), flush=True)
-            points.append(rec)
+    cost = None
+    if any(m in ("flexinfer", "no-prefetch") for m in modes):
+        from .calibrate import calibrate
+
+        cost = calibrate(gf, args.threads)  # the cost model the children's auto policy uses (cached)
+    runs: dict[tuple[str, int], list[dict]] = {}
+    for rep in range(args.reps):
+        for budget in budgets:
+            for mode in modes:
+                rec = _flexio_point(path, gf, gen, mode, budget, total, cost, t_cpu, use_cg, overhead, args)
+                rec["rep"] = rep
+                print(json.dumps({"run": True, **rec}) if args.reps > 1 else json.dumps(rec), flush=True)
+                runs.setdefault((mode, budget), []).append(rec)
+            if args.llama_cpp:
+                _cold()
+                res = _llama_cpp_point(path, args, budget + overhead if use_cg else None)
+                rec = {"mode": "llama.cpp-mmap", "budget_bytes": budget, "budget_frac": round(budget / total, 4),
+                       "rep": rep, **res}
+                print(json.dumps({"run": True, **rec}) if args.reps > 1 else json.dumps(rec), flush=True)
+                runs.setdefault(("llama.cpp-mmap", budget), []).append(rec)
+    points = [_median_point(rs) for rs in runs.values()]
+    if args.reps > 1:
+        for p in points:
+            print(json.dumps(p), flush=True)
+    bound = sorted((p["budget_frac"], p["bound_tok_s"]) for p in points
+                   if p["mode"] == modes[0] and p.get("bound_tok_s"))
     summary = {"summary": True}
     fx = [p for p in points if p["mode"] == "flexinfer" and p.get("decode_tok_s")]
     if fx:
         summary["flexinfer_min_ratio_to_bound"] = min(p.get("ratio_to_bound", 0) for p in fx)
+        summary["flexinfer_ratio_to_bound"] = {f"{100 * p['budget_frac']:.0f}%": p.get("ratio_to_bound") for p in fx}
         summary["r2_seconds_per_token_vs_streamed"] = _fit_r2(
             [p["streamed_bytes_per_token"] for p in fx], [1 / p["decode_tok_s"] for p in fx])
     for base in ("mmap", "llama.cpp-mmap"):
@@ -270,6 +322,63 @@ def run(args: argparse.Namespace) -> int:
     _plot(points, bound, f"{os.path.basename(path)} ({fmt_bytes(total)}), {args.threads} threads", out)
     print(json.dumps({"plot": out}), flush=True)
     return 0
+
+
+def _flexio_point(path, gf, gen, mode, budget, total, cost, t_cpu, use_cg, overhead, args) -> dict:
+    """One cold run of `flexio generate` at (mode, budget), between two measurements of the disk
+    on the reads its plan makes."""
+    frac = round(budget / total, 4)
+    try:
+        plan = plan_budget(gf, budget, mode=mode, cost=cost) if mode != "mmap" else None
+    except Exception as e:  # below the minimum for this mode
+        return {"mode": mode, "budget_bytes": budget, "budget_frac": frac, "error": str(e)}
+    if plan is not None:
+        reads = plan_reads(plan, gf.size)
+    else:  # mmap: the page cache misses are the part of the layers the budget cannot hold
+        reads = plan_reads(plan_budget(gf, budget, mode="flexinfer", policy="ffn"), gf.size)
+    streamed = plan.streamed_bytes_per_token if plan else max(0, total - budget)
+    before = point_ceiling(path, reads) if reads else None
+    _cold()
+    limit = budget + overhead if use_cg else None
+    res = _child(gen + ["--mode", mode, "--budget", str(budget)], limit, args.timeout)
+    after = point_ceiling(path, reads) if reads else None
+    if plan is not None and res.get("streamed_bytes_per_token") is not None:
+        streamed = res["streamed_bytes_per_token"]  # the child's own plan (the same cost model: the same plan)
+    disk = (before + after) / 2 if reads else None
+    t_io = streamed / disk if disk else 0.0
+    slowest = max(t_io, t_cpu or 0.0)
+    bound_tok_s = 1.0 / slowest if slowest > 0 else None
+    rec = {"mode": mode, "budget_bytes": budget, "budget_frac": frac,
+           "streamed_bytes_per_token": streamed,
+           "decode_tok_s": res.get("decode_tok_s"),
+           "bound_tok_s": round(bound_tok_s, 3) if bound_tok_s else None,
+           "disk_bps_before": round(before) if before else None, "disk_bps_after": round(after) if after else None,
+           "decode_stream_bps": round(res["decode_stream_gbps"] * 1e9) if res.get("decode_stream_gbps") else None,
+           "decode_io_wait_s": res.get("decode_io_wait_s"),
+           "peak_rss_bytes": res.get("peak_bytes"), "cgroup_limit_bytes": limit,
+           "policy": res.get("policy"), "threads": res.get("threads"), "io_backend": res.get("io_backend")}
+    if rec["decode_tok_s"] and bound_tok_s:
+        rec["ratio_to_bound"] = round(rec["decode_tok_s"] / bound_tok_s, 3)
+    if "error" in res:
+        rec["error"] = res["error"]
+    return rec
+
+
+def _median_point(rs: list[dict]) -> dict:
+    """The median run of a point (by decode tok/s), with every run's tok/s and ratio beside it."""
+    ok = sorted((r for r in rs if r.get("decode_tok_s")), key=lambda r: r["decode_tok_s"])
+    if not ok:
+        return rs[-1]
+    p = dict(ok[(len(ok) - 1) // 2])
+    p.pop("rep", None)
+    if len(rs) > 1:
+        p["decode_tok_s"] = round(statistics.median(r["decode_tok_s"] for r in ok), 3)
+        ratios = [r["ratio_to_bound"] for r in ok if r.get("ratio_to_bound")]
+        if ratios:
+            p["ratio_to_bound"] = round(statistics.median(ratios), 3)
+        p["runs_decode_tok_s"] = [r.get("decode_tok_s") for r in rs]
+        p["runs_ratio_to_bound"] = [r.get("ratio_to_bound") for r in rs]
+    return p
 
 
 def _llama_cpp_point(path: str, args, limit: int | None) -> dict:

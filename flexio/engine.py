@@ -53,6 +53,8 @@ class GenerationStats:
     decode_tokens: int
     decode_seconds: float
     stop_reason: str  # "eos", "length" or "cancelled"
+    decode_io_wait_seconds: float = 0.0  # of decode_seconds, the compute thread blocked on weight reads
+    decode_bytes_read: int = 0  # weight bytes streamed from disk during decode
 
     @property
     def prompt_tok_s(self) -> float:
@@ -83,7 +85,6 @@ class Engine:
             raise ValueError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
         self.model_ref = model
         self.budget, self.window, self.policy, self.mode = budget, window, policy, mode
-        self._threads_given = threads is not None
         self.threads = threads or os.cpu_count() or 1
         self.io_backend, self.cost, self.lock = io_backend, cost, lock
         self._n_ctx = n_ctx
@@ -129,11 +130,6 @@ class Engine:
             self.cost = calibrate(gf, self.threads)  # measured disk and kernel figures for the auto policy
         self.plan: Plan = plan_budget(gf, budget, window=self.window, policy=self.policy, mode=self.mode,
                                       cost=self.cost)
-        if self.plan.streams and not self._threads_given and self.threads > 1 and self._io_bound():
-            # When decode waits on the disk anyway, a compute pool using every core is slower: each
-            # io_uring completion wakes the event loop, which preempts a pool worker and stalls the
-            # whole parallel region (7B Q4_0, 50 % budget, 2 cores: 1.09 tok/s with 2 threads, 1.32 with 1).
-            self.threads -= 1
         numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
         if self.mode != "mmap":
             # the plan's total counts every buffer padded as the arena pads it; the first slot may need
@@ -145,12 +141,6 @@ class Engine:
         self._emb_fd = os.open(path, os.O_RDONLY)
         self._build_weights()
         self._seq = 0  # stages consumed so far, across passes (the StageStream's sequence)
-
-    def _io_bound(self) -> bool:
-        """Does more than a tenth of the model stream per token? Measured on 2 cores (7B Q4_0):
-        one compute thread beats two at 25-75 % budgets (75 %: 2.75 vs 1.81 tok/s), two are
-        slightly ahead at 90 % (2.5-2.6 vs 2.3-2.5), where 8 % of the model streams."""
-        return self.plan.streamed_bytes_per_token > 0.1 * self.plan.model_bytes
 
     def _build_weights(self) -> None:
         """One weight object per (stage, slot): views made once, reused every pass."""
@@ -252,6 +242,10 @@ class Engine:
             return self.tokenizer.encode(text, parse_special=True)
         return self.tokenizer.encode(prompt)
 
+    def _io_counters(self) -> tuple[float, int]:
+        st = self.stream.statistics() if self.stream is not None else None
+        return (st.compute_wait_s, st.bytes_read) if st else (0.0, 0)
+
     async def generate_tokens(
         self, tokens: Sequence[int], max_tokens: int = 128, sampling: SamplingParams | None = None
     ) -> AsyncIterator[int]:
@@ -273,6 +267,7 @@ class Engine:
                 logits = await self._run(self.forward, list(tokens), cache)
                 t_prompt = time.perf_counter() - t0
                 t1 = time.perf_counter()
+                io0 = self._io_counters()
                 while generated < max_tokens:
                     tok = sampler(logits)
                     if tok in stop_ids:
@@ -288,7 +283,8 @@ class Engine:
                 reason = "cancelled"
                 raise
             finally:
-                self.stats = GenerationStats(len(tokens), t_prompt, generated, t_dec, reason)
+                io = [b - a for a, b in zip(io0, self._io_counters())] if t_dec else (0.0, 0)
+                self.stats = GenerationStats(len(tokens), t_prompt, generated, t_dec, reason, io[0], int(io[1]))
 
     async def generate(
         self, prompt: str, max_tokens: int = 128, sampling: SamplingParams | None = None, chat: bool = False

@@ -8,7 +8,7 @@ How the two sides meet
     consumed  stages whose compute has finished (advanced by the compute thread).
   The pump (an asyncio task on the event loop) issues stage `seq` into slot
   `seq % window` once that slot's previous occupant (stage seq - window) is
-  consumed; the compute thread blocks on a threading.Condition until
+  consumed, every free slot at once; the compute thread blocks on a threading.Condition until
   `loaded > seq`. Nobody sleeps or polls. With window 1 (the `sync` modes) a
   stage is read only once the previous one is consumed: no overlap.
 
@@ -224,40 +224,67 @@ class StageStream:
         """Keep the window's slots filled ahead of compute, forever (until cancelled).
 
         Stage seq goes into slot seq % window, which is free once stage seq - window
-        is consumed. With window 1 a stage is read only after the previous one's
-        compute finished: the `sync` baseline, no overlap.
+        is consumed. Every free slot is read at once (the reader queues their chunks in
+        stage order), so the disk's queue does not drain at each stage boundary; `loaded`
+        still advances strictly in order. With window 1 a stage is read only after the
+        previous one's compute finished: the `sync` baseline, no overlap.
         """
         self._loop = asyncio.get_running_loop()
         self._consumed_evt = asyncio.Event()
         seq = self.loaded
-        while True:
-            while self.consumed < seq - self.window + 1:
-                self._consumed_evt.clear()
-                if self.consumed >= seq - self.window + 1:
-                    break
-                await self._consumed_evt.wait()
-            stage = seq % self.n_stages
-            reads = self._reads[stage]
-            if reads:
-                slot = self.slots[seq % self.window]
-                try:
-                    # the last tensor's span may end past EOF: O_DIRECT reads whole blocks up to EOF
-                    size = self.reader.size
-                    await self.reader.read_ranges(
-                        [(off, min(nb, size - off), slot.view[pos : pos + nb]) for off, nb, pos, _ in reads])
-                except asyncio.CancelledError:
-                    raise
-                except Exception as e:  # I/O error: hand it to the compute thread, which raises it
-                    with self._cond:  # without its traceback, which pins this frame's slot views
-                        self._error = (e if isinstance(e, FlexioError) else FlexioError(
-                            f"reading stage {self.plan.stages[stage].name} failed: {e}")).with_traceback(None)
+        inflight: list[tuple[int, asyncio.Task | None]] = []  # (seq, its read) in seq order
+        try:
+            while True:
+                while self.consumed >= seq - self.window + 1:  # slot seq % window is free
+                    inflight.append((seq, self._read_stage(seq)))
+                    seq += 1
+                head_seq, head = inflight[0] if inflight else (None, None)
+                if head is not None and not head.done():
+                    self._consumed_evt.clear()
+                    if self.consumed >= seq - self.window + 1:
+                        continue
+                    waiter = asyncio.ensure_future(self._consumed_evt.wait())
+                    try:
+                        await asyncio.wait((head, waiter), return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        waiter.cancel()
+                    if not head.done():
+                        continue
+                if head_seq is not None:
+                    inflight.pop(0)
+                    if head is not None:
+                        err = head.exception()
+                        if err is not None:  # hand it to the compute thread, which raises it
+                            with self._cond:  # (without its traceback, which pins this frame's slot views)
+                                self._error = (err if isinstance(err, FlexioError) else FlexioError(
+                                    f"reading stage {self.plan.stages[head_seq % self.n_stages].name} failed: {err}"
+                                )).with_traceback(None)
+                                self._cond.notify_all()
+                            return
+                        self.bytes_read += sum(nb for _, nb, _, _ in self._reads[head_seq % self.n_stages])
+                    with self._cond:
+                        self.loaded = head_seq + 1
                         self._cond.notify_all()
-                    return
-                self.bytes_read += sum(nb for _, nb, _, _ in reads)
-            seq += 1
-            with self._cond:
-                self.loaded = seq
-                self._cond.notify_all()
+                    continue
+                self._consumed_evt.clear()  # every slot loaded: wait for compute to free one
+                if self.consumed < seq - self.window + 1:
+                    await self._consumed_evt.wait()
+        finally:  # cancelled (or failed): the kernel must be done with every slot before we leave
+            tasks = [t for _, t in inflight if t is not None and not t.done()]
+            for t in tasks:
+                t.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _read_stage(self, seq: int) -> asyncio.Task | None:
+        """Start reading stage `seq` into its slot; None when the stage streams nothing."""
+        reads = self._reads[seq % self.n_stages]
+        if not reads:
+            return None
+        slot = self.slots[seq % self.window]
+        size = self.reader.size  # the last tensor's span may end past EOF: O_DIRECT reads whole blocks up to EOF
+        return asyncio.ensure_future(self.reader.read_ranges(
+            [(off, min(nb, size - off), slot.view[pos : pos + nb]) for off, nb, pos, _ in reads]))
 
     def abort(self) -> None:
         with self._cond:
