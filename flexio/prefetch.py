@@ -230,45 +230,36 @@ class StageStream:
         previous one's compute finished: the `sync` baseline, no overlap.
         """
         self._loop = asyncio.get_running_loop()
-        self._consumed_evt = asyncio.Event()
+        progress = self._consumed_evt = asyncio.Event()  # set by release() and by every finished read
         seq = self.loaded
         inflight: list[tuple[int, asyncio.Task | None]] = []  # (seq, its read) in seq order
         try:
             while True:
+                progress.clear()
                 while self.consumed >= seq - self.window + 1:  # slot seq % window is free
-                    inflight.append((seq, self._read_stage(seq)))
+                    task = self._read_stage(seq)
+                    if task is not None:
+                        task.add_done_callback(lambda _t: progress.set())
+                    inflight.append((seq, task))
                     seq += 1
-                head_seq, head = inflight[0] if inflight else (None, None)
-                if head is not None and not head.done():
-                    self._consumed_evt.clear()
-                    if self.consumed >= seq - self.window + 1:
-                        continue
-                    waiter = asyncio.ensure_future(self._consumed_evt.wait())
-                    try:
-                        await asyncio.wait((head, waiter), return_when=asyncio.FIRST_COMPLETED)
-                    finally:
-                        waiter.cancel()
-                    if not head.done():
-                        continue
-                if head_seq is not None:
-                    inflight.pop(0)
-                    if head is not None:
-                        err = head.exception()
+                while inflight and (inflight[0][1] is None or inflight[0][1].done()):  # loaded, in order
+                    done_seq, task = inflight.pop(0)
+                    if task is not None:
+                        err = task.exception()
                         if err is not None:  # hand it to the compute thread, which raises it
                             with self._cond:  # (without its traceback, which pins this frame's slot views)
                                 self._error = (err if isinstance(err, FlexioError) else FlexioError(
-                                    f"reading stage {self.plan.stages[head_seq % self.n_stages].name} failed: {err}"
+                                    f"reading stage {self.plan.stages[done_seq % self.n_stages].name} failed: {err}"
                                 )).with_traceback(None)
                                 self._cond.notify_all()
                             return
-                        self.bytes_read += sum(nb for _, nb, _, _ in self._reads[head_seq % self.n_stages])
+                        self.bytes_read += sum(nb for _, nb, _, _ in self._reads[done_seq % self.n_stages])
                     with self._cond:
-                        self.loaded = head_seq + 1
+                        self.loaded = done_seq + 1
                         self._cond.notify_all()
-                    continue
-                self._consumed_evt.clear()  # every slot loaded: wait for compute to free one
-                if self.consumed < seq - self.window + 1:
-                    await self._consumed_evt.wait()
+                if self.consumed >= seq - self.window + 1 or (inflight and inflight[0][1].done()):
+                    continue  # more to do before sleeping (release() or a read came in meanwhile)
+                await progress.wait()
         finally:  # cancelled (or failed): the kernel must be done with every slot before we leave
             tasks = [t for _, t in inflight if t is not None and not t.done()]
             for t in tasks:
