@@ -43,7 +43,7 @@ SWEEP_MODEL ?= $(HOME)/.cache/flexio/llama2-7b-q4_0.gguf
 bench-sweep: install
 	test -f $(SWEEP_MODEL) || $(BIN)/python -m flexio synth --like llama2-7b --quant q4_0 --out $(SWEEP_MODEL)
 	$(BIN)/python -m flexio bench-sweep $(SWEEP_MODEL) --budgets 10%,25%,50%,75%,90% \
-		--modes flexinfer,no-balance,prefetch-only,sync,mmap -n 6 \
+		--modes flexinfer,no-balance,prefetch-only,sync,mmap -n 8 --reps 2 \
 		--out bench/results/sweep-llama2-7b-q4_0.png | tee bench/results/sweep-llama2-7b-q4_0.jsonl
 
 clean:
