@@ -126,7 +126,8 @@ def layer_extents(path: str) -> tuple[list[tuple[int, int]], int, int]:
     return ext, sum(n for _, n in ext), sum(t.nbytes for t in tensors)
 
 
-def _pieces(extents, piece: int):
+def pieces(extents, piece: int):
+    """(offset, nbytes) extents cut into reads of at most `piece` bytes, in order."""
     for start, n in extents:
         for o in range(0, n, piece):
             yield start + o, min(piece, n - o)
@@ -142,7 +143,7 @@ def page_checksum(path: str, extents, piece: int = 4 << 20) -> tuple[int, int]:
     total = pages = 0
     fd = os.open(path, os.O_RDONLY)
     try:
-        for o, n in _pieces(extents, piece):
+        for o, n in pieces(extents, piece):
             v = np.frombuffer(os.pread(fd, n, o), np.uint8)[::PAGE]
             total += int(v.sum(dtype=np.uint64))
             pages += v.size
@@ -195,7 +196,7 @@ def m_reader(path, extents, arena: Arena, *, backend, qd, chunk, threads=4, fixe
         raise FlexioError(f"bench arena {fmt_bytes(arena.size)} too small for QD {qd} x {fmt_bytes(chunk)}")
     buf = arena.alloc(nslots * chunk, tag="bench-slots")
     view = buf.view
-    ranges = [(o, n, view[(k % nslots) * chunk : (k % nslots + 1) * chunk]) for k, (o, n) in enumerate(_pieces(extents, chunk))]
+    ranges = [(o, n, view[(k % nslots) * chunk : (k % nslots + 1) * chunk]) for k, (o, n) in enumerate(pieces(extents, chunk))]
     with buf, Reader(path, backend=backend, direct=True, queue_depth=qd, chunk_size=chunk, threads=threads,
                 fixed_buffers=arena if fixed else None) as r:
         if backend == "io_uring" and fixed and not r.statistics().fixed_buffers:
@@ -212,7 +213,7 @@ def m_reader(path, extents, arena: Arena, *, backend, qd, chunk, threads=4, fixe
         res = _run_async(go())
         backend_name = r.backend
         del ranges, view
-    if not backend_name.startswith(backend):
+    if backend != "auto" and not backend_name.startswith(backend):
         raise FlexioError(f"wanted backend {backend}, got {backend_name}")
     return PassRun([s for s, _ in res], [c for _, c in res], nbytes)
 
@@ -231,7 +232,7 @@ def m_buffered(path, extents, _arena, *, passes=1, nbytes=0):
             d0 = disk_read_bytes(dev)
             t0, c0 = time.perf_counter(), time.process_time()
             total = 0
-            for o, n in _pieces(extents, len(buf)):
+            for o, n in pieces(extents, len(buf)):
                 got = os.preadv(fd, [mv[:n]], o)
                 if got != n:
                     raise FlexioError(f"short read at {o}: {got} of {n} bytes")

@@ -34,10 +34,11 @@ import sys
 import tempfile
 import time
 
-from .bench_io import drop_caches
+from .bench_io import drop_caches, pieces
 from .fetch import model_path
 from .gguf import open_gguf
-from .plan import MODES, Plan, aligned_span, fmt_bytes, parse_size, plan_budget
+from .plan import MODES, Plan, fmt_bytes, parse_size, plan_budget
+from .prefetch import stage_reads
 from .reader import DEFAULT_CHUNK_SIZE
 
 CGROUP_V1 = "/sys/fs/cgroup/memory"
@@ -145,7 +146,6 @@ def _disk_ceiling(path: str, reps: int = 2) -> dict:
     from .bench_io import layer_extents, m_fio
 
     extents, nbytes, _ = layer_extents(path)
-    reads = [(start + o, min(DEFAULT_CHUNK_SIZE, n - o)) for start, n in extents for o in range(0, n, DEFAULT_CHUNK_SIZE)]
     fio = raw = 0.0
     for _ in range(reps):
         if shutil.which("fio"):
@@ -153,7 +153,7 @@ def _disk_ceiling(path: str, reps: int = 2) -> dict:
             run = m_fio(path, extents, None, fixedbufs=True, nbytes=nbytes)
             fio = max(fio, run.nbytes / run.secs[0])
         _cold()
-        raw = max(raw, read_rate(path, reads, passes=1))
+        raw = max(raw, read_rate(path, extents, passes=1))
     out = {"disk_bps_raw_io_uring": round(raw)}
     if fio:
         out.update(disk_bps_fio=round(fio), raw_io_uring_vs_fio=round(raw / fio, 3))
@@ -162,50 +162,34 @@ def _disk_ceiling(path: str, reps: int = 2) -> dict:
 
 def plan_reads(plan: Plan, size: int) -> list[tuple[int, int]]:
     """The (offset, nbytes) reads one decode pass of `plan` issues, in order, cut into the
-    reader's chunks: what the engine asks of the disk per token."""
-    out = []
-    for s in plan.stages:
-        for _tp, off, n in s.segments:
-            start, nbytes = aligned_span(off, n)
-            nbytes = min(nbytes, size - start)
-            for o in range(0, nbytes, DEFAULT_CHUNK_SIZE):
-                out.append((start + o, min(DEFAULT_CHUNK_SIZE, nbytes - o)))
-    return out
+    reader's chunks: what the engine asks of the disk per token (the spans StageStream reads,
+    clipped at EOF as it clips them)."""
+    spans = [(start, min(nbytes, size - start)) for s in plan.stages for start, nbytes, _, _ in stage_reads(s)]
+    return list(pieces(spans, DEFAULT_CHUNK_SIZE))
 
 
-def read_rate(path: str, reads: list[tuple[int, int]], passes: int, depth: int = 64) -> float:
-    """Bytes/s of reading `reads` `passes` times over with nothing else going on: flexio's
-    io_uring reader (O_DIRECT) at `depth`, into a ring of unlocked buffers."""
-    if not reads:
-        return 0.0
-    import asyncio
-
+def _raw_reads(path: str, extents: list[tuple[int, int]], passes: int, depth: int) -> list[float]:
+    """Seconds of each of `passes` passes over `extents` by flexio's reader (O_DIRECT, io_uring
+    unless it falls back) at `depth`, into a ring of unlocked buffers: nothing else going on."""
     from .arena import Arena
-    from .reader import Reader
+    from .bench_io import m_reader
 
-    async def go() -> float:
-        n_bufs = min(len(reads), depth)
-        with Arena(n_bufs * DEFAULT_CHUNK_SIZE, name="ceiling", lock=False) as arena:
-            bufs = [arena.alloc(DEFAULT_CHUNK_SIZE) for _ in range(n_bufs)]
-            try:
-                async with Reader(path, queue_depth=depth) as rd:
-                    t0 = time.perf_counter()
-                    for _ in range(passes):
-                        await rd.read_ranges([(off, n, bufs[i % n_bufs].view) for i, (off, n) in enumerate(reads)])
-                    dt = time.perf_counter() - t0
-            finally:
-                for b in bufs:
-                    b.release()
-        return passes * sum(n for _, n in reads) / dt
+    qd = max(1, min(depth, sum(-(-n // DEFAULT_CHUNK_SIZE) for _, n in extents)))
+    with Arena(qd * DEFAULT_CHUNK_SIZE, name="ceiling", lock=False) as arena:
+        return m_reader(path, extents, arena, backend="auto", qd=qd, chunk=DEFAULT_CHUNK_SIZE, passes=passes).secs
 
-    return asyncio.run(go())
+
+def read_rate(path: str, extents: list[tuple[int, int]], passes: int, depth: int = 64) -> float:
+    """Bytes/s of reading `extents` `passes` times over (see _raw_reads)."""
+    if not extents:
+        return 0.0
+    return passes * sum(n for _, n in extents) / sum(_raw_reads(path, extents, passes, depth))
 
 
 def point_ceiling(path: str, reads: list[tuple[int, int]]) -> float:
-    """The disk's rate for this point's reads as decode sees them: one pass unmeasured (decode
-    re-reads the same bytes every token), then two passes measured."""
-    read_rate(path, reads, passes=1)
-    return read_rate(path, reads, passes=2)
+    """The disk's rate for this point's reads as decode sees them: three passes, the first
+    unmeasured (decode re-reads the same bytes every token)."""
+    return 2 * sum(n for _, n in reads) / sum(_raw_reads(path, reads, 3, 64)[1:])
 
 
 def _fit_r2(xs: list[float], ys: list[float]) -> float | None:
@@ -281,20 +265,19 @@ def run(args: argparse.Namespace) -> int:
 
         cost = calibrate(gf, args.threads)  # the cost model the children's auto policy uses (cached)
     runs: dict[tuple[str, int], list[dict]] = {}
+
+    def emit(rec: dict, rep: int) -> None:  # one run: a line now (marked as a run when medians follow)
+        rec["rep"] = rep
+        print(json.dumps({"run": True, **rec}) if args.reps > 1 else json.dumps(rec), flush=True)
+        runs.setdefault((rec["mode"], rec["budget_bytes"]), []).append(rec)
     for rep in range(args.reps):
         for budget in budgets:
             for mode in modes:
-                rec = _flexio_point(path, gf, gen, mode, budget, total, cost, t_cpu, use_cg, overhead, args)
-                rec["rep"] = rep
-                print(json.dumps({"run": True, **rec}) if args.reps > 1 else json.dumps(rec), flush=True)
-                runs.setdefault((mode, budget), []).append(rec)
+                emit(_flexio_point(path, gf, gen, mode, budget, total, cost, t_cpu, use_cg, overhead, args), rep)
             if args.llama_cpp:
                 _cold()
                 res = _llama_cpp_point(path, args, budget + overhead if use_cg else None)
-                rec = {"mode": "llama.cpp-mmap", "budget_bytes": budget, "budget_frac": round(budget / total, 4),
-                       "rep": rep, **res}
-                print(json.dumps({"run": True, **rec}) if args.reps > 1 else json.dumps(rec), flush=True)
-                runs.setdefault(("llama.cpp-mmap", budget), []).append(rec)
+                emit({"mode": "llama.cpp-mmap", "budget_bytes": budget, "budget_frac": round(budget / total, 4), **res}, rep)
     points = [_median_point(rs) for rs in runs.values()]
     if args.reps > 1:
         for p in points:

@@ -63,6 +63,17 @@ def _read_exact(fd: int, view: memoryview, offset: int) -> None:
         done += n
 
 
+def stage_reads(s: StagePlan) -> list[tuple[int, int, int, int]]:
+    """The reads that fill a slot with stage `s`'s streamed bytes: [(span file offset, span
+    bytes, slot offset of the span, segment offset in the span)], spans 4096-aligned."""
+    out, pos = [], 0
+    for _tp, off, n in s.segments:
+        start, nbytes = aligned_span(off, n)
+        out.append((start, nbytes, pos, off - start))
+        pos += nbytes
+    return out
+
+
 class StageStream:
     """The weights of every stage of a plan, resident or streamed through `window` slots."""
 
@@ -75,13 +86,13 @@ class StageStream:
         self.slots = arena.carve(max(plan.slot_bytes, 4096), self.window, tag="slot") if plan.streams else []
         self._bufs += self.slots
         # (stage, slot) -> weights view, and each stage's reads: (file offset, nbytes, slot offset)
-        self._reads = [self._stage_reads(s) for s in plan.stages]
+        self._reads = [stage_reads(s) for s in plan.stages]
         self._cond = threading.Condition()
         self.loaded = 0
         self.consumed = 0
         self._error: BaseException | None = None
         self._aborted = False
-        self._consumed_evt: asyncio.Event | None = None
+        self._progress: asyncio.Event | None = None  # wakes the pump: a slot freed or a read finished
         self._loop: asyncio.AbstractEventLoop | None = None
         self.bytes_read = 0
         self.wait_s = 0.0
@@ -137,15 +148,6 @@ class StageStream:
         return b
 
     # --- per-stage layout --------------------------------------------------------------
-
-    def _stage_reads(self, s: StagePlan) -> list[tuple[int, int, int, int]]:
-        """[(span file offset, span bytes, slot offset of the span, segment offset in the span)]."""
-        out, pos = [], 0
-        for _tp, off, n in s.segments:
-            start, nbytes = aligned_span(off, n)
-            out.append((start, nbytes, pos, off - start))
-            pos += nbytes
-        return out
 
     def _parts(self, tp, slot: ArenaBuffer | None, seg_pos: int | None) -> list[tuple[int, np.ndarray]]:
         """Row ranges of one tensor (rows numbered within the whole tensor) as uint8 views."""
@@ -215,8 +217,8 @@ class StageStream:
         """Compute on stage `seq` is done: its slot may be refilled."""
         with self._cond:
             self.consumed = seq + 1
-        if self._loop is not None and self._consumed_evt is not None:
-            self._loop.call_soon_threadsafe(self._consumed_evt.set)
+        if self._loop is not None and self._progress is not None:
+            self._loop.call_soon_threadsafe(self._progress.set)
 
     # --- I/O side (event loop) -----------------------------------------------------------
 
@@ -230,7 +232,7 @@ class StageStream:
         previous one's compute finished: the `sync` baseline, no overlap.
         """
         self._loop = asyncio.get_running_loop()
-        progress = self._consumed_evt = asyncio.Event()  # set by release() and by every finished read
+        progress = self._progress = asyncio.Event()
         seq = self.loaded
         inflight: list[tuple[int, asyncio.Task | None]] = []  # (seq, its read) in seq order
         try:
@@ -257,9 +259,7 @@ class StageStream:
                     with self._cond:
                         self.loaded = done_seq + 1
                         self._cond.notify_all()
-                if self.consumed >= seq - self.window + 1 or (inflight and inflight[0][1].done()):
-                    continue  # more to do before sleeping (release() or a read came in meanwhile)
-                await progress.wait()
+                await progress.wait()  # cleared before the checks above: nothing since is missed
         finally:  # cancelled (or failed): the kernel must be done with every slot before we leave
             tasks = [t for _, t in inflight if t is not None and not t.done()]
             for t in tasks:
