@@ -19,6 +19,12 @@ reader with fio on the whole file, in the same run.) On a virtual disk whose spe
 to minute (and whose host caches what was read recently), a single ceiling for
 the whole sweep would make the ratios noise. With --reps N every point runs N
 times, the points interleaved, and the lines give medians.
+
+The bound takes I/O to cost no CPU, as DMA from an SSD does. On a VM whose host
+serves the virtual disk from its page cache, the host's copy runs on the physical
+cores behind our vCPUs while they compute: each point reports that as
+`steal_s_per_token` (/proc/stat steal during decode), which is what keeps
+compute-bound points below the bound there.
 """
 
 from __future__ import annotations
@@ -338,6 +344,7 @@ def _flexio_point(path, gf, gen, mode, budget, total, cost, t_cpu, use_cg, overh
            "disk_bps_before": round(before) if before else None, "disk_bps_after": round(after) if after else None,
            "decode_stream_bps": round(res["decode_stream_gbps"] * 1e9) if res.get("decode_stream_gbps") else None,
            "decode_io_wait_s": res.get("decode_io_wait_s"),
+           "steal_s_per_token": _per_token(res.get("decode_steal_s"), res.get("generated_tokens")),
            "peak_rss_bytes": res.get("peak_bytes"), "cgroup_limit_bytes": limit,
            "policy": res.get("policy"), "threads": res.get("threads"), "io_backend": res.get("io_backend")}
     if rec["decode_tok_s"] and bound_tok_s:
@@ -345,6 +352,13 @@ def _flexio_point(path, gf, gen, mode, budget, total, cost, t_cpu, use_cg, overh
     if "error" in res:
         rec["error"] = res["error"]
     return rec
+
+
+def _per_token(seconds, generated) -> float | None:
+    """A decode total over the decode passes (the first generated token comes from prefill)."""
+    if seconds is None or not generated or generated < 2:
+        return None
+    return round(seconds / (generated - 1), 4)
 
 
 def _median_point(rs: list[dict]) -> dict:

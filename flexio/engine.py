@@ -46,6 +46,15 @@ from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
 
 
+# Kernel loops hand out their row chunks dynamically, this many prange iterations (16 rows each) at a
+# time, instead of one fixed half per thread. When something else takes a core for a moment (the
+# event loop handling completions, the hypervisor serving the disk), the other thread takes over the
+# rest rather than waiting at the end of the loop. Measured on the 7B Q4_0 file, 2 threads, 4
+# interleaved runs each: 90 % budget 3.84 -> 4.42 tok/s (median), memory mode unchanged (6.15/6.21).
+# numba keeps this per thread: it is set in the compute thread.
+PARALLEL_CHUNK = 16
+
+
 @dataclass(frozen=True)
 class GenerationStats:
     prompt_tokens: int
@@ -55,6 +64,10 @@ class GenerationStats:
     stop_reason: str  # "eos", "length" or "cancelled"
     decode_io_wait_seconds: float = 0.0  # of decode_seconds, the compute thread blocked on weight reads
     decode_bytes_read: int = 0  # weight bytes streamed from disk during decode
+    # CPU time the hypervisor took from this machine's CPUs during decode (/proc/stat "steal", all
+    # CPUs, so other processes' share too). On a VM whose host serves the disk with its own CPU
+    # time, streaming while computing shows up here; 0 on bare metal or without /proc/stat.
+    decode_cpu_steal_seconds: float = 0.0
 
     @property
     def prompt_tok_s(self) -> float:
@@ -65,6 +78,16 @@ class GenerationStats:
         # the first generated token comes from the prefill pass; decode passes make the rest
         n = max(self.decode_tokens - 1, 0)
         return n / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+def cpu_steal_seconds() -> float:
+    """Seconds of CPU time stolen by the hypervisor so far, summed over all CPUs (0.0 if unknown)."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            fields = f.readline().split()  # cpu user nice system idle iowait irq softirq steal ...
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 class Engine:
@@ -107,7 +130,8 @@ class Engine:
 
     async def open(self) -> None:
         path = model_path(self.model_ref)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flexio-compute")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flexio-compute",
+                                        initializer=numba.set_parallel_chunksize, initargs=(PARALLEL_CHUNK,))
         self._stack = AsyncExitStack()
         try:
             await self._run(self._load, path)
@@ -242,9 +266,10 @@ class Engine:
             return self.tokenizer.encode(text, parse_special=True)
         return self.tokenizer.encode(prompt)
 
-    def _io_counters(self) -> tuple[float, int]:
+    def _io_counters(self) -> tuple[float, int, float]:
         st = self.stream.statistics() if self.stream is not None else None
-        return (st.compute_wait_s, st.bytes_read) if st else (0.0, 0)
+        wait, nbytes = (st.compute_wait_s, st.bytes_read) if st else (0.0, 0)
+        return wait, nbytes, cpu_steal_seconds()
 
     async def generate_tokens(
         self, tokens: Sequence[int], max_tokens: int = 128, sampling: SamplingParams | None = None
@@ -283,8 +308,8 @@ class Engine:
                 reason = "cancelled"
                 raise
             finally:
-                io = [b - a for a, b in zip(io0, self._io_counters())] if t_dec else (0.0, 0)
-                self.stats = GenerationStats(len(tokens), t_prompt, generated, t_dec, reason, io[0], int(io[1]))
+                io = [b - a for a, b in zip(io0, self._io_counters())] if t_dec else (0.0, 0, 0.0)
+                self.stats = GenerationStats(len(tokens), t_prompt, generated, t_dec, reason, io[0], int(io[1]), io[2])
 
     async def generate(
         self, prompt: str, max_tokens: int = 128, sampling: SamplingParams | None = None, chat: bool = False

@@ -71,6 +71,7 @@ async def _generate(args: argparse.Namespace) -> dict:
             "streamed_bytes_per_token": e.plan.streamed_bytes_per_token,
             "io_backend": e.reader.backend if e.reader else None,
             "decode_io_wait_s": round(st.decode_io_wait_seconds, 3),
+            "decode_steal_s": round(st.decode_cpu_steal_seconds, 3),
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "decode_stream_gbps": round(st.decode_bytes_read / st.decode_seconds / 1e9, 3) if st.decode_seconds else None,
         }

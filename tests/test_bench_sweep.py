@@ -73,7 +73,22 @@ def test_sweep_lines_and_plot(tiny, tmp_path, capsys):
         assert min(p["runs_decode_tok_s"]) <= p["decode_tok_s"] <= max(p["runs_decode_tok_s"])
     fx = points["flexinfer"]
     assert 0 < fx["streamed_bytes_per_token"] < open_gguf(tiny).size and fx["decode_io_wait_s"] is not None
+    assert fx["steal_s_per_token"] >= 0
     summary = next(x for x in lines if x.get("summary"))
     assert summary["flexinfer_ratio_to_bound"] == {"30%": fx["ratio_to_bound"]}
     assert summary["flexinfer_vs_mmap"]["30%"] > 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_per_token_counts_decode_passes_only():
+    from flexio.bench_sweep import _per_token
+
+    assert _per_token(0.9, 4) == 0.3  # 4 tokens: the first from prefill, 3 decode passes
+    assert _per_token(0.5, 1) is None and _per_token(None, 8) is None
+
+
+def test_cpu_steal_seconds_is_a_counter():
+    from flexio.engine import cpu_steal_seconds
+
+    a = cpu_steal_seconds()
+    assert 0 <= a <= cpu_steal_seconds()

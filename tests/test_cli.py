@@ -20,6 +20,7 @@ def test_generate_json(smollm2_path):
     assert out["tokens"] == [7042, 30, 198, 198, 504, 1797]  # llama.cpp's greedy start for the default prompt
     assert out["text"] == " Paris.\n\nThe United"
     assert out["prompt_tokens"] == 5 and out["decode_tok_s"] > 0
+    assert out["decode_io_wait_s"] == 0 and out["decode_steal_s"] >= 0  # all resident: nothing to wait for
 
 
 def test_generate_streams_text_and_reports_speed(smollm2_path):

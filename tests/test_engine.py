@@ -5,10 +5,11 @@ import os
 import shutil
 import threading
 
+import numba
 import pytest
 
 from flexio.arena import locked_bytes
-from flexio.engine import Engine
+from flexio.engine import PARALLEL_CHUNK, Engine
 from flexio.errors import BudgetError, FlexioError
 from flexio.plan import minimum_budget
 from flexio.gguf import open_gguf
@@ -46,6 +47,9 @@ def test_every_mode_gives_the_same_greedy_tokens(smollm2_path, reference_tokens,
             if e.plan.streams:
                 assert e.plan.total_bytes <= e.plan.budget
                 assert e.stream.statistics().bytes_read > 0  # it really streamed
+            # the kernels hand out rows dynamically in the compute thread (numba keeps this per thread)
+            assert await e._run(numba.get_parallel_chunksize) == PARALLEL_CHUNK
+            assert e.stats.decode_cpu_steal_seconds >= 0
             return toks
 
     assert run(main()) == reference_tokens
