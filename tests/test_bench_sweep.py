@@ -61,6 +61,8 @@ def test_sweep_lines_and_plot(tiny, tmp_path, capsys):
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     header = lines[0]["header"]
     assert header["reps"] == 2 and header["memory_decode_tok_s"] > 0 and header["disk_bps_raw_io_uring"] > 0
+    assert header["disk_bps_cpus_busy"] > 0 and header["disk_busy_vs_idle"] > 0
+    assert header["steal_s_per_gb_while_reading"] >= 0
     runs = [x for x in lines if x.get("run")]
     assert sorted((r["mode"], r["rep"]) for r in runs) == [("flexinfer", 0), ("flexinfer", 1), ("mmap", 0), ("mmap", 1)]
     points = {x["mode"]: x for x in lines if "mode" in x and not x.get("run")}
@@ -74,6 +76,7 @@ def test_sweep_lines_and_plot(tiny, tmp_path, capsys):
     fx = points["flexinfer"]
     assert 0 < fx["streamed_bytes_per_token"] < open_gguf(tiny).size and fx["decode_io_wait_s"] is not None
     assert fx["steal_s_per_token"] >= 0
+    assert fx["shared_cpu_bound_tok_s"] <= fx["bound_tok_s"] * 1.001 or header["disk_busy_vs_idle"] > 1
     summary = next(x for x in lines if x.get("summary"))
     assert summary["flexinfer_ratio_to_bound"] == {"30%": fx["ratio_to_bound"]}
     assert summary["flexinfer_vs_mmap"]["30%"] > 0
@@ -92,3 +95,18 @@ def test_cpu_steal_seconds_is_a_counter():
 
     a = cpu_steal_seconds()
     assert 0 <= a <= cpu_steal_seconds()
+
+
+def test_shared_cpu_bound():
+    from flexio.bench_sweep import shared_cpu_bound
+
+    bare = {"disk_busy_vs_idle": 1.0, "steal_s_per_gb_while_reading": 0.0}
+    # bare metal: the plain bound, 1 / max(2 GB / 4 GB/s, 0.1 s)
+    assert shared_cpu_bound(2_000_000_000, 4e9, 0.1, 2, bare) == pytest.approx(2.0)
+    vm = {"disk_busy_vs_idle": 0.5, "steal_s_per_gb_while_reading": 0.2}
+    # the disk at half speed while the CPUs compute: 2 GB / 2 GB/s
+    assert shared_cpu_bound(2_000_000_000, 4e9, 0.1, 2, vm) == pytest.approx(1.0)
+    # compute-bound (0.5 GB at 4 GB/s takes 0.125 s): 0.1 s + 0.2 s/GB x 0.5 GB stolen, over 2 threads
+    assert shared_cpu_bound(500_000_000, 8e9, 0.1, 2, vm) == pytest.approx(1 / 0.15)
+    assert shared_cpu_bound(0, 4e9, 0.1, 2, vm) == pytest.approx(10.0)  # nothing streamed: nothing stolen
+    assert shared_cpu_bound(10, 4e9, None, 2, vm) is None
