@@ -25,8 +25,8 @@ serves the virtual disk from its page cache, the host's copy runs on the physica
 cores behind our vCPUs: while they compute, the disk is slower and the hypervisor
 steals CPU time from the compute. The header measures both (a cold read with the
 CPUs kept busy vs idle, and the steal per GB read); each point reports its
-decode's steal (`steal_s_per_token`) and a second bound from those two figures,
-`shared_cpu_bound_tok_s` (see shared_cpu_bound). `bound_tok_s` stays the
+decode's steal (`steal_s_per_token`) and a second bound that charges the steal of
+its streamed bytes to the compute, `shared_cpu_bound_tok_s` (see shared_cpu_bound). `bound_tok_s` stays the
 paper's bound, the one the ratios are judged by.
 """
 
@@ -201,13 +201,14 @@ def _shared_cpu(path: str, threads: int, reps: int = 2) -> dict:
 
 
 def shared_cpu_bound(streamed: int, disk_bps: float, t_cpu: float, threads: int, shared: dict) -> float | None:
-    """tok/s of 1/max(T_io, T_cpu) on a machine whose reads cost its own CPUs (`_shared_cpu`): the
-    disk at its busy-CPU rate, and compute slowed by the steal the streamed bytes cause, spread
-    over the compute threads."""
-    ratio, steal = shared.get("disk_busy_vs_idle"), shared.get("steal_s_per_gb_while_reading")
-    if not t_cpu or ratio is None or steal is None:
+    """tok/s of 1/max(T_io, T_cpu') on a machine whose reads cost its own CPUs (`_shared_cpu`):
+    the host's copy of the streamed bytes (steal per GB x GB) and the compute share the compute
+    threads' cores, so T_cpu' = T_cpu + that steal / threads; T_io is the disk's own rate (the
+    point's ceiling, measured with the CPUs idle, so it already includes the copy)."""
+    steal = shared.get("steal_s_per_gb_while_reading")
+    if not t_cpu or steal is None:
         return None
-    t_io = streamed / (disk_bps * ratio) if streamed and disk_bps else 0.0
+    t_io = streamed / disk_bps if streamed and disk_bps else 0.0
     return 1.0 / max(t_io, t_cpu + steal * streamed / 1e9 / max(threads, 1))
 
 
