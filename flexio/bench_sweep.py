@@ -46,7 +46,7 @@ import time
 from .bench_io import drop_caches, pieces
 from .fetch import model_path
 from .gguf import open_gguf
-from .plan import MODES, Plan, fmt_bytes, parse_size, plan_budget
+from .plan import MODES, Plan, fmt_bytes, model_footprint, parse_size, plan_budget
 from .prefetch import stage_reads
 from .reader import DEFAULT_CHUNK_SIZE
 
@@ -287,7 +287,7 @@ def _plot(points: list[dict], bound: dict[str, list[tuple[float, float]]], title
 def run(args: argparse.Namespace) -> int:
     path = model_path(args.model)
     gf = open_gguf(path)
-    total = sum(t.nbytes for t in gf.tensors)
+    total = model_footprint(gf)  # what a percentage budget is of (the planner's base too)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in modes:
         if m not in MODES:

@@ -367,6 +367,14 @@ def minimum_budget(gf: GGUFFile, window: int = 3) -> int:
     return p.total_bytes
 
 
+def model_footprint(gf: GGUFFile, stages_t=None) -> int:
+    """Bytes of weight memory the whole model takes resident (its tensors, each padded as the
+    arena pads it): what a percentage budget is a percentage of, so that "100%" holds it all."""
+    stages_t = stages_t if stages_t is not None else stage_tensors(gf)
+    p = _build(gf, stages_t, "memory", "ffn", 0, 1, [sum(t.nbytes for _, t in ts) for _, ts in stages_t])
+    return replace(p, embedding_resident=True).total_bytes
+
+
 def plan_budget(gf: GGUFFile, budget: int | str, *, window: int = 3, policy: str = "auto",
                 mode: str = "flexinfer", cost: CostModel | None = None) -> Plan:
     """Plan what stays resident for `budget` bytes of weight memory (see module docstring)."""
@@ -376,10 +384,11 @@ def plan_budget(gf: GGUFFile, budget: int | str, *, window: int = 3, policy: str
         raise ValueError(f"unknown policy {policy!r} (one of {', '.join(POLICIES)})")
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
-    model_bytes = sum(t.nbytes for t in gf.tensors)
-    budget = parse_size(budget, model_bytes)
     stages_t = stage_tensors(gf)
-    if mode in ("memory", "mmap"):
+    footprint = model_footprint(gf, stages_t)
+    budget = parse_size(budget, footprint)
+    whole = mode in ("memory", "mmap") or (budget >= footprint and mode not in ("sync", "prefetch-only"))
+    if whole:  # (a budget that holds the whole model keeps it all: nothing is left to stream)
         p = _build(gf, stages_t, mode, "ffn", budget, window, [sum(t.nbytes for _, t in ts) for _, ts in stages_t])
         p = replace(p, embedding_resident=True)
         if mode == "memory" and p.total_bytes > budget:

@@ -65,6 +65,14 @@ def test_policies_give_the_same_tokens(smollm2_path, reference_tokens):
         assert run(main(policy)) == reference_tokens, policy
 
 
+def test_a_100_percent_budget_holds_the_real_model(smollm2_path):
+    from flexio.plan import plan_budget
+
+    gf = open_gguf(smollm2_path)  # its tensors need a few bytes of padding in the arena
+    assert not plan_budget(gf, "100%", mode="memory").streams
+    assert plan_budget(gf, "100%").streamed_bytes_per_token == 0
+
+
 def test_budget_below_minimum_names_it(smollm2_path):
     m = minimum_budget(open_gguf(smollm2_path))
 

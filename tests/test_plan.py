@@ -144,3 +144,18 @@ def test_auto_follows_the_cost_model():
     assert set(p.predicted) == {"ffn", "attn", "mixed"}
     assert p.policy == min(p.predicted, key=p.predicted.get)
     assert p.policy != "mixed"  # mixed streams all 7 tensors of every layer
+
+
+def test_a_percentage_is_of_the_resident_footprint_and_100_percent_holds_it_all():
+    from flexio.plan import model_footprint
+
+    gf = MODEL
+    footprint = model_footprint(gf)
+    assert footprint >= TOTAL  # every tensor, each padded as the arena pads it
+    assert plan_budget(gf, "50%").budget == footprint // 2
+    for mode in ("flexinfer", "no-balance", "no-preserve", "no-prefetch", "memory"):
+        p = plan_budget(gf, "100%", mode=mode)
+        assert p.streamed_bytes_per_token == 0 and p.total_bytes <= p.budget, mode
+    for mode in ("sync", "prefetch-only"):  # these baselines stream by definition
+        assert plan_budget(gf, "100%", mode=mode).streamed_bytes_per_token > 0
+    assert plan_budget(gf, "99%").streamed_bytes_per_token > 0
