@@ -360,16 +360,56 @@ def _read_int(path: str) -> int | None:
         return None
 
 
+class MemCgroup:
+    """A cgroup v1 memory cgroup `name` with a memory limit, removed on close (a context manager)."""
+
+    def __init__(self, name: str, limit: int):
+        self.name = name
+        self.path = os.path.join(CGROUP_V1_MEMORY, name)
+        os.mkdir(self.path)
+        try:
+            with open(self.file("memory.limit_in_bytes"), "w") as fh:
+                fh.write(str(limit))
+        except OSError:
+            os.rmdir(self.path)
+            raise
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def read_int(self, name: str) -> int | None:
+        return _read_int(self.file(name))
+
+    def join_fn(self):
+        """A preexec_fn that moves the child into this cgroup (between fork and exec)."""
+        procs = self.file("cgroup.procs")
+
+        def join() -> None:
+            with open(procs, "w") as fh:
+                fh.write(str(os.getpid()))
+
+        return join
+
+    def close(self) -> None:
+        for _ in range(50):  # an exited child may take a moment to leave the cgroup
+            try:
+                os.rmdir(self.path)
+                return
+            except OSError:
+                time.sleep(0.1)
+
+    def __enter__(self) -> "MemCgroup":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def m_mmap_cgroup(path, extents, _arena, *, limit: int, passes=1, nbytes=0):
     """Page-touch `passes` times in a child process confined to a fresh cgroup v1 memory limit."""
     _remove_stale_cgroups()
-    name = f"{CGROUP_PREFIX}{os.getpid()}"
-    cg = os.path.join(CGROUP_V1_MEMORY, name)
-    os.mkdir(cg)
-    try:
-        with open(os.path.join(cg, "memory.limit_in_bytes"), "w") as fh:
-            fh.write(str(limit))
-        cfg = {"path": os.path.abspath(path), "procs": os.path.join(cg, "cgroup.procs"), "cgroup": "/" + name,
+    with MemCgroup(f"{CGROUP_PREFIX}{os.getpid()}", limit) as cg:
+        cfg = {"path": os.path.abspath(path), "procs": cg.file("cgroup.procs"), "cgroup": "/" + cg.name,
                "extents": [list(e) for e in extents], "passes": passes, "diskstat": disk_stat_path(path)}
         p = subprocess.run([sys.executable, "-c", _CHILD], input=json.dumps(cfg), capture_output=True, text=True, timeout=3600)
         if p.returncode != 0:
@@ -377,22 +417,14 @@ def m_mmap_cgroup(path, extents, _arena, *, limit: int, passes=1, nbytes=0):
         out = json.loads(p.stdout.strip().splitlines()[-1])
         stat = {}
         try:
-            with open(os.path.join(cg, "memory.stat")) as fh:
+            with open(cg.file("memory.stat")) as fh:
                 stat = dict((k, int(v)) for k, v in (ln.split() for ln in fh))
         except (OSError, ValueError):
             pass
         extra = {"cgroup": out["cgroup"], "memory_limit": limit,
-                 "max_usage": _read_int(os.path.join(cg, "memory.max_usage_in_bytes")),
-                 "failcnt": _read_int(os.path.join(cg, "memory.failcnt")),
+                 "max_usage": cg.read_int("memory.max_usage_in_bytes"), "failcnt": cg.read_int("memory.failcnt"),
                  "cgroup_pgmajfault": stat.get("pgmajfault"), "cgroup_pgpgin": stat.get("pgpgin")}
         return _touch_run(out, extents, nbytes, extra)
-    finally:
-        for _ in range(50):  # the exited child may take a moment to leave the cgroup
-            try:
-                os.rmdir(cg)
-                break
-            except OSError:
-                time.sleep(0.1)
 
 
 def fio_command(path: str, offset: int, size: int, *, qd: int = 64, bs: int = 4 << 20, fixedbufs: bool = True) -> list[str]:

@@ -42,7 +42,8 @@ def _llama_cpp_run(llm, llama_cpp, tokens: list[int], n: int) -> tuple[float, fl
         return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
 
     llm.reset()
-    llm._ctx.kv_cache_clear() if hasattr(llm._ctx, "kv_cache_clear") else None
+    if hasattr(llm._ctx, "kv_cache_clear"):
+        llm._ctx.kv_cache_clear()
     t0 = time.perf_counter()
     llm.eval(tokens)
     t1 = time.perf_counter()

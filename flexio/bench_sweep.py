@@ -43,14 +43,13 @@ import sys
 import tempfile
 import time
 
-from .bench_io import drop_caches, pieces
+from .bench_io import MemCgroup, cgroup_unavailable, drop_caches, pieces
 from .fetch import model_path
 from .gguf import open_gguf
 from .plan import MODES, Plan, fmt_bytes, model_footprint, parse_size, plan_budget
 from .prefetch import stage_reads
 from .reader import DEFAULT_CHUNK_SIZE
 
-CGROUP_V1 = "/sys/fs/cgroup/memory"
 OVERHEAD = 768 << 20  # Python + Numba + numpy + tokenizer + KV cache + scratch (measured RSS of memory mode minus weights)
 PROMPT = "The history of computing"
 
@@ -76,55 +75,8 @@ def _cold() -> bool:
     return os.geteuid() == 0 and drop_caches()
 
 
-class MemCgroup:
-    """A cgroup v1 memory cgroup for one child; removed on exit."""
-
-    def __init__(self, limit: int):
-        self.path = os.path.join(CGROUP_V1, f"flexio-sweep-{os.getpid()}-{time.monotonic_ns()}")
-        os.mkdir(self.path)
-        try:
-            with open(os.path.join(self.path, "memory.limit_in_bytes"), "w") as f:
-                f.write(str(limit))
-        except OSError:
-            os.rmdir(self.path)
-            raise
-
-    def join_fn(self):
-        procs = os.path.join(self.path, "cgroup.procs")
-
-        def join() -> None:  # runs in the child between fork and exec
-            with open(procs, "w") as f:
-                f.write(str(os.getpid()))
-
-        return join
-
-    def peak(self) -> int | None:
-        try:
-            return int(open(os.path.join(self.path, "memory.max_usage_in_bytes")).read())
-        except OSError:
-            return None
-
-    def close(self) -> None:
-        for _ in range(50):
-            try:
-                os.rmdir(self.path)
-                return
-            except OSError:
-                time.sleep(0.1)
-
-
-def cgroups_usable() -> tuple[bool, str]:
-    if not os.path.isdir(CGROUP_V1):
-        return False, f"{CGROUP_V1} is not mounted (no cgroup v1 memory controller)"
-    if not os.access(CGROUP_V1, os.W_OK):
-        return False, f"{CGROUP_V1} is not writable (needs root)"
-    return True, ""
-
-
 def _child(cmd: list[str], limit: int | None, timeout: float) -> dict:
-    cg = None
-    if limit is not None:
-        cg = MemCgroup(limit)
+    cg = MemCgroup(f"flexio-sweep-{os.getpid()}-{time.monotonic_ns()}", limit) if limit is not None else None
     t0 = time.perf_counter()
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -141,21 +93,27 @@ def _child(cmd: list[str], limit: int | None, timeout: float) -> dict:
             return {"error": f"exit {proc.returncode}: {' | '.join(tail)}"}
         res = json.loads(out.strip().splitlines()[-1])
         res["wall_s"] = round(wall, 2)
-        res["peak_bytes"] = cg.peak() if cg else res.get("peak_rss_bytes")  # the cgroup's count includes page cache
+        res["peak_bytes"] = cg.read_int("memory.max_usage_in_bytes") if cg else res.get("peak_rss_bytes")  # the cgroup's count includes page cache
         return res
     finally:
         if cg:
             cg.close()
 
 
-def _disk_ceiling(path: str, reps: int = 2) -> dict:
-    """The sweep's reference figures, best of `reps` cold reads of the file's layers: fio
-    (io_uring, O_DIRECT, registered buffers) when installed, and flexio's raw io_uring reader,
-    which measures each point's own ceiling; their ratio shows that ceiling is fio's."""
+def _disk_ceiling(path: str, threads: int = 1, reps: int = 2) -> dict:
+    """The sweep's reference figures, best of `reps` interleaved cold reads of the file's layers:
+    fio (io_uring, O_DIRECT, registered buffers) when installed; flexio's raw io_uring reader, which
+    measures each point's own ceiling (their ratio shows that ceiling is fio's); and the raw reader
+    again with `threads` CPUs kept busy by spinning processes (the decode's compute, without its
+    memory traffic), with the hypervisor's steal during it. Does reading cost this machine CPU
+    time? On bare metal the busy and idle rates match and nothing is stolen; on a VM whose host
+    serves the disk from its page cache, the host's copy runs on the cores behind our vCPUs."""
     from .bench_io import layer_extents, m_fio
+    from .engine import cpu_steal_seconds
 
     extents, nbytes, _ = layer_extents(path)
-    fio = raw = 0.0
+    fio = raw = busy = 0.0
+    steal = []
     for _ in range(reps):
         if shutil.which("fio"):
             _cold()
@@ -163,27 +121,6 @@ def _disk_ceiling(path: str, reps: int = 2) -> dict:
             fio = max(fio, run.nbytes / run.secs[0])
         _cold()
         raw = max(raw, read_rate(path, extents, passes=1))
-    out = {"disk_bps_raw_io_uring": round(raw)}
-    if fio:
-        out.update(disk_bps_fio=round(fio), raw_io_uring_vs_fio=round(raw / fio, 3))
-    return out
-
-
-def _shared_cpu(path: str, threads: int, reps: int = 2) -> dict:
-    """Does reading cost this machine CPU time? Best of `reps` cold raw reads of the file's layers
-    with `threads` CPUs kept busy by spinning processes (the decode's compute, without its memory
-    traffic), against the same read with them idle, and the hypervisor's steal during the busy
-    reads. On bare metal the two rates match and nothing is stolen; on a VM whose host serves the
-    disk from its page cache, the host's copy runs on the cores behind our vCPUs."""
-    from .bench_io import layer_extents
-    from .engine import cpu_steal_seconds
-
-    extents, nbytes, _ = layer_extents(path)
-    idle = busy = 0.0
-    steal = []
-    for _ in range(reps):
-        _cold()
-        idle = max(idle, read_rate(path, extents, passes=1))
         _cold()
         spin = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(threads)]
         try:
@@ -195,13 +132,16 @@ def _shared_cpu(path: str, threads: int, reps: int = 2) -> dict:
             for q in spin:
                 q.kill()
                 q.wait()
-    return {"disk_bps_cpus_idle": round(idle), "disk_bps_cpus_busy": round(busy),
-            "disk_busy_vs_idle": round(busy / idle, 3) if idle else None,
-            "steal_s_per_gb_while_reading": round(1e9 * statistics.median(steal), 4)}
+    out = {"disk_bps_raw_io_uring": round(raw)}
+    if fio:
+        out.update(disk_bps_fio=round(fio), raw_io_uring_vs_fio=round(raw / fio, 3))
+    out.update(disk_bps_cpus_busy=round(busy), disk_busy_vs_idle=round(busy / raw, 3) if raw else None,
+               steal_s_per_gb_while_reading=round(1e9 * statistics.median(steal), 4))
+    return out
 
 
 def shared_cpu_bound(streamed: int, disk_bps: float, t_cpu: float, threads: int, shared: dict) -> float | None:
-    """tok/s of 1/max(T_io, T_cpu') on a machine whose reads cost its own CPUs (`_shared_cpu`):
+    """tok/s of 1/max(T_io, T_cpu') on a machine whose reads cost its own CPUs (`_disk_ceiling`):
     the host's copy of the streamed bytes (steal per GB x GB) and the compute share the compute
     threads' cores, so T_cpu' = T_cpu + that steal / threads; T_io is the disk's own rate (the
     point's ceiling, measured with the CPUs idle, so it already includes the copy)."""
@@ -294,7 +234,8 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"flexio bench-sweep: unknown mode {m!r}")
     budgets = [parse_size(b.strip(), total) for b in args.budgets.split(",") if b.strip()]
     overhead = parse_size(args.overhead)
-    use_cg, why = (False, "--no-cgroup") if args.no_cgroup else cgroups_usable()
+    why = "--no-cgroup" if args.no_cgroup else cgroup_unavailable()
+    use_cg = why is None
     root = os.geteuid() == 0
     header = {"model": path, "model_bytes": total, "threads": args.threads, "decode_tokens": args.decode_tokens,
               "cold": root, "cgroup": use_cg, "cgroup_overhead_bytes": overhead if use_cg else None}
@@ -302,9 +243,8 @@ def run(args: argparse.Namespace) -> int:
         header["cgroup_skipped"] = why
     if not root:
         header["note"] = "not root: caches not dropped, figures are warm"
-    header.update(_disk_ceiling(path), reps=args.reps)
-    shared = _shared_cpu(path, args.threads)
-    header.update(shared)
+    shared = _disk_ceiling(path, args.threads)
+    header.update(shared, reps=args.reps)
     gen = [sys.executable, "-m", "flexio", "generate", "--model", path, "--prompt", PROMPT,
            "-n", str(args.decode_tokens), "--threads", str(args.threads), "--json"]
     # in-memory compute time per token, warm (the compute side of the bound): best of two

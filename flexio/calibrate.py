@@ -89,7 +89,8 @@ def calibrate(gf: GGUFFile, threads: int, *, use_cache: bool = True) -> CostMode
     known = {}
     if use_cache:
         try:
-            known = json.load(open(cache))
+            with open(cache) as f:
+                known = json.load(f)
         except (OSError, ValueError):
             known = {}
         if key in known:

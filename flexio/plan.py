@@ -367,12 +367,16 @@ def minimum_budget(gf: GGUFFile, window: int = 3) -> int:
     return p.total_bytes
 
 
+def _whole(gf: GGUFFile, stages_t, mode: str, budget: int, window: int) -> Plan:
+    """The plan that keeps every tensor resident, the embedding too."""
+    p = _build(gf, stages_t, mode, "ffn", budget, window, [sum(t.nbytes for _, t in ts) for _, ts in stages_t])
+    return replace(p, embedding_resident=True)
+
+
 def model_footprint(gf: GGUFFile, stages_t=None) -> int:
     """Bytes of weight memory the whole model takes resident (its tensors, each padded as the
     arena pads it): what a percentage budget is a percentage of, so that "100%" holds it all."""
-    stages_t = stages_t if stages_t is not None else stage_tensors(gf)
-    p = _build(gf, stages_t, "memory", "ffn", 0, 1, [sum(t.nbytes for _, t in ts) for _, ts in stages_t])
-    return replace(p, embedding_resident=True).total_bytes
+    return _whole(gf, stages_t if stages_t is not None else stage_tensors(gf), "memory", 0, 1).total_bytes
 
 
 def plan_budget(gf: GGUFFile, budget: int | str, *, window: int = 3, policy: str = "auto",
@@ -389,8 +393,7 @@ def plan_budget(gf: GGUFFile, budget: int | str, *, window: int = 3, policy: str
     budget = parse_size(budget, footprint)
     whole = mode in ("memory", "mmap") or (budget >= footprint and mode not in ("sync", "prefetch-only"))
     if whole:  # (a budget that holds the whole model keeps it all: nothing is left to stream)
-        p = _build(gf, stages_t, mode, "ffn", budget, window, [sum(t.nbytes for _, t in ts) for _, ts in stages_t])
-        p = replace(p, embedding_resident=True)
+        p = _whole(gf, stages_t, mode, budget, window)
         if mode == "memory" and p.total_bytes > budget:
             raise BudgetError(f"mode 'memory' keeps the whole model resident: needs {p.total_bytes:,} bytes "
                               f"({fmt_bytes(p.total_bytes)}), budget is {budget:,} ({fmt_bytes(budget)})")

@@ -53,7 +53,7 @@ from typing import Iterable, Sequence
 
 from .arena import ALIGN, Arena, ArenaBuffer, round_up
 from .errors import IOBackendError
-from .plan import aligned_span  # noqa: F401  (re-exported: callers size buffers with it)
+from .plan import aligned_span
 from .uring import Ring, io_uring_disabled
 
 log = logging.getLogger("flexio.reader")
