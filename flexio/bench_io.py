@@ -338,14 +338,16 @@ def cgroup_limit(file_size: int) -> int:
 
 
 def _remove_stale_cgroups() -> None:
-    """rmdir bench cgroups left by killed runs (named after a pid that no longer exists)."""
+    """rmdir flexio's cgroups left by killed runs, or whose rmdir timed out: named
+    flexio-<kind>-<pid>[-<n>] after a process that no longer exists."""
     try:
         names = os.listdir(CGROUP_V1_MEMORY)
     except OSError:
         return
     for name in names:
-        pid = name.removeprefix(CGROUP_PREFIX)
-        if name.startswith(CGROUP_PREFIX) and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+        parts = name.split("-")
+        pid = parts[2] if len(parts) > 2 else ""
+        if parts[0] == "flexio" and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
             try:
                 os.rmdir(os.path.join(CGROUP_V1_MEMORY, name))
             except OSError:
@@ -361,9 +363,11 @@ def _read_int(path: str) -> int | None:
 
 
 class MemCgroup:
-    """A cgroup v1 memory cgroup `name` with a memory limit, removed on close (a context manager)."""
+    """A cgroup v1 memory cgroup `name` (flexio-<kind>-<pid>[-<n>]) with a memory limit, removed on
+    close (a context manager); ones that earlier runs could not remove go when the next is made."""
 
     def __init__(self, name: str, limit: int):
+        _remove_stale_cgroups()
         self.name = name
         self.path = os.path.join(CGROUP_V1_MEMORY, name)
         os.mkdir(self.path)
@@ -407,7 +411,6 @@ class MemCgroup:
 
 def m_mmap_cgroup(path, extents, _arena, *, limit: int, passes=1, nbytes=0):
     """Page-touch `passes` times in a child process confined to a fresh cgroup v1 memory limit."""
-    _remove_stale_cgroups()
     with MemCgroup(f"{CGROUP_PREFIX}{os.getpid()}", limit) as cg:
         cfg = {"path": os.path.abspath(path), "procs": cg.file("cgroup.procs"), "cgroup": "/" + cg.name,
                "extents": [list(e) for e in extents], "passes": passes, "diskstat": disk_stat_path(path)}

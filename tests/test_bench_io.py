@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -104,6 +105,27 @@ def test_cgroup_and_fio(tiny_gguf, capsys):
     if bench_io.shutil.which("fio"):
         assert "uring_vs_fio" in rep["ratios"], rep
     assert set(os.listdir(bench_io.CGROUP_V1_MEMORY)) == before, "the bench cgroup must be removed"
+
+
+@pytest.mark.root
+def test_cgroups_left_by_dead_runs_are_removed():
+    why = bench_io.cgroup_unavailable()
+    if why:
+        pytest.skip(f"cgroup measurement unavailable: {why}")
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer exists
+    stale = os.path.join(bench_io.CGROUP_V1_MEMORY, f"flexio-sweep-{dead.pid}-1")
+    os.mkdir(stale)
+    mine = os.path.join(bench_io.CGROUP_V1_MEMORY, f"flexio-sweep-{os.getpid()}-1")  # a live run's
+    os.mkdir(mine)
+    try:
+        with bench_io.MemCgroup(f"flexio-test-{os.getpid()}", 64 << 20) as cg:
+            assert os.path.isdir(cg.path) and not os.path.exists(stale) and os.path.isdir(mine)
+        assert not os.path.exists(cg.path)
+    finally:
+        for d in (stale, mine):
+            if os.path.isdir(d):
+                os.rmdir(d)
 
 
 # --- page-touch really reads every page; passes; fio command; ratio bases -------------------------
