@@ -1,38 +1,79 @@
-"""GGUF file -> validated GGUFFile: metadata, tensor table with absolute offsets, ModelConfig.
+"""GGUF file -> validated GGUFFile: metadata with exact types, tensor table with absolute offsets, ModelConfig.
 
-Parsing is done by the `gguf` package's reader; this module checks everything the
-engine relies on when the file is opened, before any arena exists, and turns every
-problem into a GGUFError that names the key or tensor (expected vs got).
+A strict reader written by hand (as tinygrad's gguf.py and llama.cpp's gguf.cpp are):
+every check the engine relies on happens here, when the file is opened, before any
+arena exists, and every problem is a GGUFError that names the key or tensor.
 
-Byte layout reminders (GGUF v2/v3, little endian):
-  header: magic 'GGUF' | version u32 | n_tensors u64 | n_kv u64
-  kv pairs, then tensor infos (name, n_dims, dims[ne0..], type u32, offset u64),
-  padding to `general.alignment` (default 32), then the data section.
-  A tensor's absolute offset = data_offset + its relative offset; ne0 is the row
-  length (innermost dimension), so a 2-D weight with dims (k, n) has n rows of k.
+The format (GGUF v2/v3, little endian):
+  header      magic 'GGUF' | version u32 | n_tensors u64 | n_kv u64
+  kv pair     key: string | type u32 | value
+              string = length u64 + bytes (UTF-8 by convention, not checked by llama.cpp)
+              array  = element type u32 | count u64 | count elements (arrays of arrays:
+                       llama.cpp refuses them and so do we)
+  tensor info name: string | n_dims u32 | dims u64 x n_dims (ne0 first) | type u32 | offset u64
+  padding to `general.alignment` (u32, a power of two, default 32), then the data section.
+  A tensor's absolute offset = data_offset + its relative offset; ne0 is the row length
+  (innermost dimension), so a 2-D weight with dims (k, n) has n rows of k.
+
+Every count and length in the header comes from the file, so none is trusted: before
+anything is allocated or looped over, the bytes it needs (count x the smallest size of
+one element) are compared with the bytes that remain before the end of the file. Opening
+therefore costs time and memory proportional to the bytes the header really occupies --
+a bit-flipped count fails at once instead of looping past the end of the file. (A sparse
+file can still *be* huge; reading such a header costs what reading those bytes costs.)
+The header is read with pread through a moving window, never through an mmap: a file
+truncated while it is read gives a short read, not a SIGBUS.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
-from dataclasses import dataclass, field
+import stat
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
+from .arch import ModelConfig, check_architecture, check_tensors, expected_shapes, model_config
 from .errors import GGUFError, UnsupportedError
 
+log = logging.getLogger("flexio.gguf")
+
 GGUF_MAGIC = b"GGUF"
-SUPPORTED_VERSIONS = (2, 3)
+SUPPORTED_VERSIONS = (2, 3)  # v1 had 32-bit counts; llama.cpp dropped it too
+GGML_MAX_DIMS = 4
+GGML_MAX_NAME = 64  # tensor names are shorter than this (llama.cpp: name.length() >= GGML_MAX_NAME is an error)
+MAX_KEY_LEN = 65535  # GGUF spec: keys are at most 2**16 - 1 bytes
+DEFAULT_ALIGNMENT = 32
 
 T = GGMLQuantizationType
+V = GGUFValueType
 # Tensor types the kernels implement (kernels/layouts.py has their block layouts).
 SUPPORTED_TYPES: frozenset[int] = frozenset(
     int(t) for t in (T.F32, T.F16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K)
 )
-SUPPORTED_ARCHS = ("llama", "qwen2")
+
+# Fixed-size value types: struct for one scalar, numpy dtype for an array of them.
+_SCALAR: dict[int, struct.Struct] = {
+    V.UINT8: struct.Struct("<B"), V.INT8: struct.Struct("<b"), V.UINT16: struct.Struct("<H"),
+    V.INT16: struct.Struct("<h"), V.UINT32: struct.Struct("<I"), V.INT32: struct.Struct("<i"),
+    V.FLOAT32: struct.Struct("<f"), V.BOOL: struct.Struct("<?"), V.UINT64: struct.Struct("<Q"),
+    V.INT64: struct.Struct("<q"), V.FLOAT64: struct.Struct("<d"),
+}
+_DTYPE: dict[int, np.dtype] = {
+    V.UINT8: np.dtype("<u1"), V.INT8: np.dtype("<i1"), V.UINT16: np.dtype("<u2"), V.INT16: np.dtype("<i2"),
+    V.UINT32: np.dtype("<u4"), V.INT32: np.dtype("<i4"), V.FLOAT32: np.dtype("<f4"), V.BOOL: np.dtype("<u1"),
+    V.UINT64: np.dtype("<u8"), V.INT64: np.dtype("<i8"), V.FLOAT64: np.dtype("<f8"),
+}
+_U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
+# The fewest bytes one record can take: they bound n_kv and n_tensors by the file size.
+MIN_KV_BYTES = 8 + 1 + 4 + 1  # key length, a 1-byte key, type, a 1-byte value
+MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 8 + 4 + 8  # name length, 1-byte name, n_dims, one dim, type, offset
 
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
 
@@ -42,6 +83,256 @@ def type_name(ggml_type: int) -> str:
         return GGMLQuantizationType(ggml_type).name
     except ValueError:
         return f"type#{ggml_type}"
+
+
+def _value_type_name(t: int) -> str:
+    try:
+        return V(t).name
+    except ValueError:
+        return f"type#{t}"
+
+
+# --- opening: regular files only -----------------------------------------------------------
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a fifo (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _not_regular(path: str, mode: int) -> GGUFError:
+    what = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    return GGUFError(f"model path {path!r} is {what}, not a GGUF file")
+
+
+def open_regular(path: str) -> tuple[int, int]:
+    """Path -> (read-only fd, size), for a regular file only.
+
+    stat first, so that a fifo (open would wait for a writer forever), a directory or a
+    device is refused without being opened; the open is O_NONBLOCK and fstat'ed again in
+    case the path was swapped in between.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise GGUFError(f"cannot open model file {path!r}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(path, st.st_mode)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise GGUFError(f"cannot open model file {path!r}: {e.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise _not_regular(path, st.st_mode)
+    return fd, st.st_size
+
+
+def _pread_exact(fd: int, n: int, offset: int) -> bytes:
+    parts, got = [], 0
+    while got < n:
+        b = os.pread(fd, min(n - got, 1 << 30), offset + got)
+        if not b:
+            break
+        parts.append(b)
+        got += len(b)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+# --- the header reader ------------------------------------------------------------------------
+
+
+class _Reader:
+    """Sequential little-endian reads of the header through a window of the file.
+
+    Each read first checks that the bytes it needs lie before `size` (the file size at
+    open), so that no count or length taken from the file can allocate or loop past it.
+    """
+
+    CHUNK = 1 << 20
+
+    def __init__(self, fd: int, size: int, path: str):
+        self.fd, self.size, self.path = fd, size, path
+        self.buf = b""  # file bytes [base, base + len(buf))
+        self.base = 0
+        self.pos = 0  # file offset of the next read
+
+    def remaining(self) -> int:
+        return self.size - self.pos
+
+    def truncated(self, what: str, need: int) -> GGUFError:
+        return GGUFError(
+            f"{self.path}: malformed or truncated GGUF header: {what} needs {need:,} bytes at byte {self.pos:,}, "
+            f"but the file ends at byte {self.size:,}"
+        )
+
+    def window(self, n: int, what: str) -> int:
+        """Make file bytes [pos, pos + n) available in self.buf; return the index of pos in it."""
+        if n > self.size - self.pos:
+            raise self.truncated(what, n)
+        i = self.pos - self.base
+        if i + n > len(self.buf):
+            self.buf = _pread_exact(self.fd, min(max(n, self.CHUNK), self.size - self.pos), self.pos)
+            self.base, i = self.pos, 0
+            if len(self.buf) < n:
+                raise GGUFError(f"{self.path}: short read at byte {self.pos:,}: the file shrank while it was read")
+        return i
+
+    def u32(self, what: str) -> int:
+        i = self.window(4, what)
+        self.pos += 4
+        return _U32.unpack_from(self.buf, i)[0]
+
+    def u64(self, what: str) -> int:
+        i = self.window(8, what)
+        self.pos += 8
+        return _U64.unpack_from(self.buf, i)[0]
+
+    def scalar(self, t: int, what: str) -> Any:
+        s = _SCALAR[t]
+        i = self.window(s.size, what)
+        self.pos += s.size
+        return s.unpack_from(self.buf, i)[0]
+
+    def string(self, what: str, max_len: int | None = None) -> str:
+        n = self.u64(f"length of {what}")
+        if max_len is not None and n > max_len:
+            raise GGUFError(f"{self.path}: {what} is {n:,} bytes long; at most {max_len:,} are allowed")
+        i = self.window(n, what)
+        self.pos += n
+        # Invalid UTF-8 is kept, not replaced: llama.cpp keeps strings as bytes, and with
+        # surrogateescape s.encode("utf-8", "surrogateescape") gives back the file's bytes,
+        # so metadata copied to a new file is identical. Users of a string that must be
+        # text (the tokenizer) check it and name the key.
+        return self.buf[i : i + n].decode("utf-8", "surrogateescape")
+
+    def strings(self, n: int, what: str) -> list[str]:
+        """n strings; the hot loop of a 49k-token vocabulary, so the window is handled inline."""
+        if n > self.remaining() // 8:
+            raise self.truncated(f"{what} (an array of {n:,} strings)", n * 8)
+        out: list[str] = []
+        append, unpack = out.append, _U64.unpack_from
+        buf, base, pos, size = self.buf, self.base, self.pos, self.size
+        for k in range(n):
+            i = pos - base
+            if i + 8 > len(buf):
+                self.pos = pos
+                i = self.window(8, f"length of {what}[{k}]")
+                buf, base = self.buf, self.base
+            ln = unpack(buf, i)[0]
+            pos += 8
+            i += 8
+            if i + ln > len(buf):
+                self.pos = pos
+                if ln > size - pos:
+                    raise self.truncated(f"{what}[{k}]", ln)
+                i = self.window(ln, f"{what}[{k}]")
+                buf, base = self.buf, self.base
+            append(buf[i : i + ln].decode("utf-8", "surrogateescape"))
+            pos += ln
+        self.pos = pos
+        return out
+
+    def array(self, t: int, n: int, what: str) -> np.ndarray:
+        dt = _DTYPE[t]
+        if n > self.remaining() // dt.itemsize:
+            raise self.truncated(f"{what} (an array of {n:,} {_value_type_name(t)})", n * dt.itemsize)
+        i = self.window(n * dt.itemsize, what)
+        a = np.frombuffer(self.buf, dt, n, i).copy()
+        self.pos += n * dt.itemsize
+        return a != 0 if t == V.BOOL else a
+
+
+KVTypes = dict[str, tuple[GGUFValueType, GGUFValueType | None]]
+
+
+def _read_kv(r: _Reader, n_kv: int, on_arch: Callable[[Any], Any] | None) -> tuple[dict[str, Any], KVTypes]:
+    """The n_kv metadata pairs -> (key -> value, key -> (type, array element type)).
+
+    Values: ints, floats, bools and str as Python scalars; numeric arrays as numpy
+    arrays (BOOL arrays as numpy bool); string arrays as list[str].
+    """
+    metadata: dict[str, Any] = {}
+    kv_types: KVTypes = {}
+    for k in range(n_kv):
+        key = r.string(f"key of metadata pair {k}", MAX_KEY_LEN)
+        if not key:
+            raise GGUFError(f"{r.path}: metadata pair {k} has an empty key")
+        if key in metadata:
+            raise GGUFError(f"{r.path}: duplicate metadata key {key!r} (pairs {list(metadata).index(key)} and {k})")
+        what = f"value of key {key!r}"
+        t = r.u32(f"type of key {key!r}")
+        sub = None
+        if t == V.ARRAY:
+            sub = r.u32(f"element type of key {key!r}")
+            n = r.u64(f"element count of key {key!r}")
+            if sub == V.ARRAY:
+                raise GGUFError(f"metadata key {key!r} is an array of arrays: nested arrays are not supported "
+                                "(llama.cpp refuses them too)")
+            if sub == V.STRING:
+                value: Any = r.strings(n, what)
+            elif sub in _DTYPE:
+                value = r.array(sub, n, what)
+            else:
+                raise GGUFError(f"metadata key {key!r} is an array of unknown value type {sub}")
+        elif t == V.STRING:
+            value = r.string(what)
+        elif t in _SCALAR:
+            value = r.scalar(t, what)
+        else:
+            raise GGUFError(f"metadata key {key!r} has unknown value type {t}")
+        metadata[key] = value
+        kv_types[key] = (V(t), V(sub) if sub is not None else None)
+        if key == "general.architecture" and on_arch is not None:
+            on_arch(value)  # refuse an unsupported family before parsing the rest
+    return metadata, kv_types
+
+
+def _read_start(r: _Reader) -> tuple[int, int, int]:
+    """Magic, version, and the two counts, bounded by the bytes left -> (version, n_tensors, n_kv)."""
+    if r.size < 8:
+        raise GGUFError(f"{r.path}: file is {r.size} bytes, too short for a GGUF header")
+    i = r.window(8, "magic and version")
+    magic = r.buf[i : i + 4]
+    if magic != GGUF_MAGIC:
+        raise GGUFError(f"{r.path}: not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
+    version = _U32.unpack_from(r.buf, i + 4)[0]
+    if version not in SUPPORTED_VERSIONS:
+        raise GGUFError(f"{r.path}: GGUF version {version} is not supported (expected one of {SUPPORTED_VERSIONS})")
+    r.pos = 8
+    n_tensors = r.u64("n_tensors")
+    n_kv = r.u64("n_kv")
+    left = r.remaining()
+    if n_kv > left // MIN_KV_BYTES:
+        raise GGUFError(f"{r.path}: malformed or truncated GGUF header: n_kv = {n_kv:,} metadata pairs, but the "
+                        f"{left:,} bytes after the header hold at most {left // MIN_KV_BYTES:,}")
+    if n_tensors > (left - n_kv * MIN_KV_BYTES) // MIN_TENSOR_INFO_BYTES:
+        raise GGUFError(f"{r.path}: malformed or truncated GGUF header: n_tensors = {n_tensors:,} tensors, but the "
+                        f"{left:,} bytes after the header hold at most "
+                        f"{(left - n_kv * MIN_KV_BYTES) // MIN_TENSOR_INFO_BYTES:,} beside {n_kv:,} metadata pairs")
+    return version, n_tensors, n_kv
+
+
+def read_metadata(path: str | os.PathLike[str]) -> tuple[dict[str, Any], KVTypes]:
+    """A GGUF file's metadata, of any architecture -> (key -> value, key -> (type, array element type)).
+
+    The types are the file's own, so the metadata can be written to a new file unchanged,
+    e.g. `writer.add_key_value(key, value, t, sub_type=sub)`. gguf.GGUFWriter wants a
+    sequence for an array (numeric arrays here are numpy arrays: pass `value.tolist()`),
+    and writes a str as strict UTF-8; a string that was not valid UTF-8 in the file
+    carries surrogate escapes here, and `s.encode("utf-8", "surrogateescape")` (bytes,
+    which GGUFWriter writes as they are) gives back the original bytes.
+    """
+    p = os.fspath(path)
+    fd, size = open_regular(p)
+    try:
+        r = _Reader(fd, size, p)
+        _, _, n_kv = _read_start(r)
+        return _read_kv(r, n_kv, None)
+    finally:
+        os.close(fd)
+
+
+# --- the tensor table --------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -85,255 +376,123 @@ class TensorInfo:
         return self.nbytes // self.n_rows
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    """Hyper-parameters read from the metadata; derived values computed once."""
-
-    arch: str
-    n_layer: int
-    n_embd: int
-    n_ff: int
-    n_head: int
-    n_head_kv: int
-    n_ctx_train: int
-    vocab_size: int
-    rope_base: float
-    rope_dim: int
-    norm_eps: float
-    tied_output: bool
-    head_dim: int = field(init=False)
-    rope_neox: bool = field(init=False)  # qwen2 rotates (i, i + d/2) pairs; llama rotates (2i, 2i + 1)
-    qkv_bias: bool = field(init=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "head_dim", self.n_embd // self.n_head)
-        object.__setattr__(self, "rope_neox", self.arch == "qwen2")
-        object.__setattr__(self, "qkv_bias", self.arch == "qwen2")
-
-    @property
-    def kv_dim(self) -> int:
-        return self.n_head_kv * self.head_dim
-
-
-def _field_value(f) -> Any:
-    t = f.types[0]
-    if t == GGUFValueType.ARRAY:
-        sub = f.types[-1] if len(f.types) > 1 else None
-        if sub == GGUFValueType.STRING:
-            return [bytes(f.parts[i]).decode("utf-8", errors="replace") for i in f.data]
-        if sub is None:
-            return []
-        # numeric arrays: one numpy array (copied so the file mapping can be dropped)
-        return np.concatenate([f.parts[i] for i in f.data]) if f.data else np.zeros(0)
-    if t == GGUFValueType.STRING:
-        return bytes(f.parts[f.data[0]]).decode("utf-8", errors="replace")
-    v = f.parts[f.data[0]][0]
-    if t == GGUFValueType.BOOL:
-        return bool(v)
-    if t in (GGUFValueType.FLOAT32, GGUFValueType.FLOAT64):
-        return float(v)
-    return int(v)
+def _read_tensor_info(r: _Reader, k: int, seen: set[str]) -> tuple[str, int, tuple[int, ...], int, int]:
+    """One tensor info -> (name, type, dims, offset relative to the data section, nbytes), its
+    type and shape checked: the shape's byte size is an exact integer (Python ints cannot
+    overflow) and is compared with the file size later, with the offsets."""
+    name = r.string(f"name of tensor {k}", GGML_MAX_NAME - 1)
+    if not name:
+        raise GGUFError(f"{r.path}: tensor {k} has an empty name")
+    if name in seen:
+        raise GGUFError(f"{r.path}: duplicate tensor name {name!r}")
+    seen.add(name)
+    n_dims = r.u32(f"n_dims of tensor {name!r}")
+    if not 1 <= n_dims <= GGML_MAX_DIMS:
+        raise GGUFError(f"tensor {name!r} has {n_dims:,} dimensions; expected 1 to {GGML_MAX_DIMS} (GGML_MAX_DIMS)")
+    i = r.window(8 * n_dims, f"dims of tensor {name!r}")
+    dims = struct.unpack_from(f"<{n_dims}Q", r.buf, i)
+    r.pos += 8 * n_dims
+    raw_type = r.u32(f"type of tensor {name!r}")
+    offset = r.u64(f"offset of tensor {name!r}")
+    try:
+        qt = GGMLQuantizationType(raw_type)
+    except ValueError:
+        raise UnsupportedError(f"tensor {name!r} has unknown GGML type id {raw_type}") from None
+    if raw_type not in SUPPORTED_TYPES:
+        raise UnsupportedError(
+            f"tensor {name!r} has type {qt.name}, which flexio does not support "
+            f"(supported: {', '.join(type_name(t) for t in sorted(SUPPORTED_TYPES))})"
+        )
+    if any(d < 1 for d in dims):
+        raise GGUFError(f"tensor {name!r} has invalid shape {list(dims)}: every dimension must be at least 1")
+    block, type_size = GGML_QUANT_SIZES[qt]
+    if dims[0] % block:
+        raise GGUFError(f"tensor {name!r}: row length {dims[0]} is not a multiple of the {qt.name} block size {block}")
+    n = 1
+    for d in dims:
+        n *= d
+    return name, raw_type, dims, offset, n // block * type_size
 
 
-class _TableReader(GGUFReader):
-    """GGUFReader that records the tensor table without mapping tensor data.
-
-    The stock reader builds a numpy view of every tensor, which fails with an
-    opaque reshape error on a truncated file; we validate bounds ourselves.
-    It also parses through an np.memmap, whose per-slice subclass bookkeeping
-    makes a 49k-token vocabulary take seconds: a plain ndarray view of the same
-    mapping parses 3x faster.
-    """
-
-    @property
-    def data(self):
-        return self._plain
-
-    @data.setter
-    def data(self, mm) -> None:
-        self._plain = mm.view(np.ndarray)
-
-    def _build_tensors(self, start_offs: int, fields) -> None:  # noqa: D401
-        self.table = []
-        for f in fields:
-            _nl, name_data, _nd, dims, raw_dtype, offset_tensor = f.parts
-            self.table.append(
-                (
-                    bytes(name_data).decode("utf-8", errors="replace"),
-                    int(raw_dtype[0]),
-                    tuple(int(d) for d in dims),
-                    int(start_offs + int(offset_tensor[0])),
-                )
-            )
-        self.tensors = []
+# --- the file ------------------------------------------------------------------------------------
 
 
 class GGUFFile:
-    """A validated GGUF file: `metadata` (key -> value), `tensors` (file order), `config`."""
+    """A validated GGUF file: `metadata` (key -> value), `kv_types`, `tensors` (file order), `config`."""
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = os.fspath(path)
+        fd, self.size = open_regular(self.path)
         try:
-            self.size = os.path.getsize(self.path)
-        except OSError as e:
-            raise GGUFError(f"cannot open model file {self.path!r}: {e.strerror}") from None
-        with open(self.path, "rb") as fh:
-            head = fh.read(8)
-        if len(head) < 8:
-            raise GGUFError(f"{self.path}: file is {self.size} bytes, too short for a GGUF header")
-        if head[:4] != GGUF_MAGIC:
-            raise GGUFError(f"{self.path}: not a GGUF file (magic {head[:4]!r}, expected {GGUF_MAGIC!r})")
-        version = int.from_bytes(head[4:8], "little")
-        if version not in SUPPORTED_VERSIONS:
-            raise GGUFError(f"{self.path}: GGUF version {version} is not supported (expected one of {SUPPORTED_VERSIONS})")
-        try:
-            reader = _TableReader(self.path, "r")
-        except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as e:
-            raise GGUFError(
-                f"{self.path}: malformed or truncated GGUF header/metadata ({type(e).__name__}: {e})"
-            ) from None
-        self.version = version
-        self.alignment = int(reader.alignment)
-        self.data_offset = int(reader.data_offset)
-        self.metadata: dict[str, Any] = {}
-        for key, f in reader.fields.items():
-            if key.startswith("GGUF."):
-                continue
-            try:
-                self.metadata[key] = _field_value(f)
-            except (IndexError, ValueError) as e:
-                raise GGUFError(f"{self.path}: metadata key {key!r} is malformed ({e})") from None
-        table = reader.table
-        del reader  # drop the whole-file memmap
-        self.tensors: list[TensorInfo] = []
-        for name, raw_type, dims, offset in table:
-            self.tensors.append(self._check_tensor(name, raw_type, dims, offset))
+            r = _Reader(fd, self.size, self.path)
+            self.version, n_tensors, n_kv = _read_start(r)
+            self.metadata, self.kv_types = _read_kv(r, n_kv, check_architecture)
+            seen: set[str] = set()
+            infos = [_read_tensor_info(r, k, seen) for k in range(n_tensors)]
+            header_end = r.pos
+        finally:
+            os.close(fd)
+        self.alignment = self._alignment()
+        self.data_offset = -(-header_end // self.alignment) * self.alignment
+        self.tensors: list[TensorInfo] = [self._place(*info) for info in infos]
+        self._check_overlap()
         self.by_name = {t.name: t for t in self.tensors}
-        if len(self.by_name) != len(self.tensors):
-            raise GGUFError(f"{self.path}: duplicate tensor names")
-        self.config = self._read_config()
-        self._check_shapes()
+        self.config: ModelConfig = model_config(self.metadata, self.by_name)
+        self.unused: list[str] = sorted(check_tensors(self.config, self.by_name))
+        if self.unused:
+            self._warn_unused()
 
     # --- validation -------------------------------------------------------------
 
-    def _check_tensor(self, name: str, raw_type: int, dims: tuple[int, ...], offset: int) -> TensorInfo:
-        try:
-            qt = GGMLQuantizationType(raw_type)
-        except ValueError:
-            raise UnsupportedError(f"tensor {name!r} has unknown GGML type id {raw_type}") from None
-        if raw_type not in SUPPORTED_TYPES:
-            raise UnsupportedError(
-                f"tensor {name!r} has type {qt.name}, which flexio does not support "
-                f"(supported: {', '.join(type_name(t) for t in sorted(SUPPORTED_TYPES))})"
-            )
-        if not dims or any(d <= 0 for d in dims):
-            raise GGUFError(f"tensor {name!r} has invalid shape {list(dims)}")
-        block, type_size = GGML_QUANT_SIZES[qt]
-        if dims[0] % block:
-            raise GGUFError(f"tensor {name!r}: row length {dims[0]} is not a multiple of the {qt.name} block size {block}")
-        n = 1
-        for d in dims:
-            n *= d
-        nbytes = n // block * type_size
-        if (offset - self.data_offset) % self.alignment:
-            raise GGUFError(
-                f"tensor {name!r} offset {offset - self.data_offset} is not aligned to {self.alignment} bytes"
-            )
-        if offset < self.data_offset or offset + nbytes > self.size:
+    def _alignment(self) -> int:
+        key = "general.alignment"
+        if key not in self.metadata:
+            return DEFAULT_ALIGNMENT
+        v, (t, _) = self.metadata[key], self.kv_types[key]
+        if t not in (V.UINT8, V.UINT16, V.UINT32, V.UINT64, V.INT8, V.INT16, V.INT32, V.INT64):
+            raise GGUFError(f"metadata key {key!r} has wrong type {t.name}, expected an integer (UINT32)")
+        if v <= 0 or v & (v - 1):
+            raise GGUFError(f"key {key!r} = {v} is invalid: expected a power of two")
+        return v
+
+    def _place(self, name: str, raw_type: int, dims: tuple[int, ...], rel: int, nbytes: int) -> TensorInfo:
+        """Relative offset -> absolute, checked aligned and inside the file."""
+        if rel % self.alignment:
+            raise GGUFError(f"tensor {name!r} offset {rel:,} is not aligned to {self.alignment} bytes")
+        offset = self.data_offset + rel
+        if offset + nbytes > self.size:
             raise GGUFError(
                 f"tensor {name!r} data is not within the file bounds "
                 f"(ends at byte {offset + nbytes:,} > file size {self.size:,}): model is truncated or corrupt"
             )
-        return TensorInfo(name, raw_type, dims, offset, nbytes)
+        return TensorInfo(name, raw_type, tuple(dims), offset, nbytes)
 
-    def _meta(self, key: str, kind: type, default: Any = ...) -> Any:
-        if key not in self.metadata:
-            if default is ...:
-                raise GGUFError(f"{self.path}: required metadata key {key!r} is missing")
-            return default
-        v = self.metadata[key]
-        ok = isinstance(v, (int, float)) if kind is float else isinstance(v, kind)
-        if not ok or (kind is int and isinstance(v, bool)):
-            raise GGUFError(f"metadata key {key!r} has wrong type {type(v).__name__}, expected {kind.__name__}")
-        return kind(v)
+    def _check_overlap(self) -> None:
+        # llama.cpp goes further and wants the tensors packed in table order; overlapping
+        # data is what a corrupt offset produces, and what flexio's reads must not assume.
+        placed = sorted(self.tensors, key=lambda t: t.offset)
+        for a, b in zip(placed, placed[1:]):
+            if a.offset + a.nbytes > b.offset:
+                raise GGUFError(
+                    f"tensors {a.name!r} (bytes {a.offset:,}..{a.offset + a.nbytes:,}) and {b.name!r} "
+                    f"(from byte {b.offset:,}) overlap: the tensor table is corrupt"
+                )
 
-    def _read_config(self) -> ModelConfig:
-        arch = self._meta("general.architecture", str)
-        if arch not in SUPPORTED_ARCHS:
-            raise UnsupportedError(f"architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
-        a = arch
-        n_embd = self._meta(f"{a}.embedding_length", int)
-        n_head = self._meta(f"{a}.attention.head_count", int)
-        if n_head <= 0 or n_embd % n_head:
-            raise GGUFError(f"{a}.embedding_length {n_embd} is not divisible by {a}.attention.head_count {n_head}")
-        n_head_kv = self._meta(f"{a}.attention.head_count_kv", int, n_head)
-        if n_head_kv <= 0 or n_head % n_head_kv:
-            raise GGUFError(f"{a}.attention.head_count {n_head} is not a multiple of head_count_kv {n_head_kv}")
-        emb = self.by_name.get("token_embd.weight")
-        if emb is None:
-            raise GGUFError(f"{self.path}: tensor 'token_embd.weight' is missing")
-        tokens = self.metadata.get("tokenizer.ggml.tokens")
-        vocab = self._meta(f"{a}.vocab_size", int, len(tokens) if tokens else emb.n_rows)
-        head_dim = n_embd // n_head
-        return ModelConfig(
-            arch=arch,
-            n_layer=self._meta(f"{a}.block_count", int),
-            n_embd=n_embd,
-            n_ff=self._meta(f"{a}.feed_forward_length", int),
-            n_head=n_head,
-            n_head_kv=n_head_kv,
-            n_ctx_train=self._meta(f"{a}.context_length", int, 4096),
-            vocab_size=vocab,
-            rope_base=self._meta(f"{a}.rope.freq_base", float, 10000.0),
-            rope_dim=self._meta(f"{a}.rope.dimension_count", int, head_dim),
-            norm_eps=self._meta(f"{a}.attention.layer_norm_rms_epsilon", float, 1e-5),
-            tied_output="output.weight" not in self.by_name,
+    def _warn_unused(self) -> None:
+        """One warning per open, as llama.cpp's loader gives: names, types and sizes."""
+        shown = [f"{n} ({self.by_name[n].type_name}, {self.by_name[n].nbytes:,} bytes)" for n in self.unused[:10]]
+        more = f" and {len(self.unused) - 10} more" if len(self.unused) > 10 else ""
+        total = sum(self.by_name[n].nbytes for n in self.unused)
+        log.warning(
+            "%s: %d tensor(s) (%s bytes) are not used by the %s model and will be ignored: %s%s",
+            self.path, len(self.unused), f"{total:,}", self.config.arch, ", ".join(shown), more,
         )
+
+    # --- helpers ----------------------------------------------------------------
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor the engine needs, with its GGUF shape (row length first)."""
-        c = self.config
-        d, kv, ff = c.n_embd, c.kv_dim, c.n_ff
-        want: dict[str, tuple[int, ...]] = {
-            "token_embd.weight": (d, c.vocab_size),
-            "output_norm.weight": (d,),
-        }
-        if not c.tied_output:
-            want["output.weight"] = (d, c.vocab_size)
-        for i in range(c.n_layer):
-            p = f"blk.{i}."
-            want.update({
-                p + "attn_norm.weight": (d,),
-                p + "attn_q.weight": (d, d),
-                p + "attn_k.weight": (d, kv),
-                p + "attn_v.weight": (d, kv),
-                p + "attn_output.weight": (d, d),
-                p + "ffn_norm.weight": (d,),
-                p + "ffn_gate.weight": (d, ff),
-                p + "ffn_up.weight": (d, ff),
-                p + "ffn_down.weight": (ff, d),
-            })
-            if c.qkv_bias:
-                want.update({p + "attn_q.bias": (d,), p + "attn_k.bias": (kv,), p + "attn_v.bias": (kv,)})
-        return want
-
-    def _check_shapes(self) -> None:
-        unused = set(self.by_name)
-        for name, shape in self.expected_shapes().items():
-            t = self.by_name.get(name)
-            if t is None:
-                raise GGUFError(f"{self.path}: tensor {name!r} is missing (expected shape {list(shape)})")
-            if t.shape != shape:
-                raise GGUFError(f"tensor {name!r} has wrong shape; expected {list(shape)}, got {list(t.shape)}")
-            unused.discard(name)
-        # Norm and bias vectors are read as float arrays: they must be F32 or F16.
-        for name in self.expected_shapes():
-            t = self.by_name[name]
-            if len(t.shape) == 1 and t.ggml_type not in (int(T.F32), int(T.F16)):
-                raise UnsupportedError(f"tensor {name!r} is a vector of type {t.type_name}; expected F32 or F16")
-        self.unused = sorted(unused)
-
-    # --- helpers ----------------------------------------------------------------
+        return expected_shapes(self.config)
 
     def layer_tensors(self, layer: int) -> list[TensorInfo]:
         return [t for t in self.tensors if t.layer == layer]
@@ -341,9 +500,16 @@ class GGUFFile:
     def read_tensor_bytes(self, t: TensorInfo) -> np.ndarray:
         """Read one tensor's bytes into a new uint8 array shaped (rows, row_bytes)."""
         buf = np.empty(t.nbytes, dtype=np.uint8)
-        with open(self.path, "rb", buffering=0) as fh:
-            fh.seek(t.offset)
-            got = fh.readinto(memoryview(buf))
+        fd, _ = open_regular(self.path)
+        try:
+            got = os.preadv(fd, [memoryview(buf)], t.offset) if t.nbytes else 0
+            while 0 < got < t.nbytes:  # preadv may return short for reads over 2 GiB
+                n = os.preadv(fd, [memoryview(buf)[got:]], t.offset + got)
+                if n == 0:
+                    break
+                got += n
+        finally:
+            os.close(fd)
         if got != t.nbytes:
             raise GGUFError(f"tensor {t.name!r}: short read ({got} of {t.nbytes} bytes): file changed or truncated")
         return buf.reshape(t.n_rows, t.row_bytes)
