@@ -13,6 +13,10 @@ class UnsupportedError(GGUFError):
     """A valid GGUF file that uses an architecture or tensor type flexio cannot run."""
 
 
+class NumericalError(FlexioError):
+    """The model produced non-finite values (inf/NaN), e.g. from corrupt or out-of-range weight scales."""
+
+
 class ModelFetchError(FlexioError):
     """A named model could not be fetched into the cache."""
 

@@ -1,10 +1,20 @@
-"""Logits -> next token id: greedy, or seeded temperature / top-k / top-p sampling."""
+"""Logits -> next token id: greedy, or seeded temperature / top-k / top-p sampling.
+
+Non-finite logits (a file with huge weight scales can overflow to inf, and inf - inf
+is NaN): greedy keeps the argmax (numpy's: the first NaN if there is one, else the
+largest), as a reference run would. Temperature sampling refuses them with a
+NumericalError naming the step: a distribution over NaN means nothing, and sampling
+quietly from the finite rest would hide a broken model behind plausible text. -inf
+alone is fine (probability 0), as long as one logit is finite.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+
+from .errors import NumericalError
 
 
 @dataclass(frozen=True)
@@ -27,17 +37,29 @@ class Sampler:
     def __init__(self, params: SamplingParams):
         self.params = params
         self.rng = np.random.default_rng(params.seed)
+        self.steps = 0  # tokens sampled so far
 
     def __call__(self, logits: np.ndarray) -> int:
         p = self.params
+        self.steps += 1
         if p.temperature == 0.0:
             return int(np.argmax(logits))
         z = logits.astype(np.float64)
+        nan, posinf = int(np.isnan(z).sum()), int(np.isposinf(z).sum())
+        if nan or posinf or not np.isfinite(z).any():
+            raise NumericalError(
+                f"the model produced non-finite logits at generation step {self.steps} ({nan} NaN, {posinf} +inf, "
+                f"{int(np.isneginf(z).sum())} -inf of {z.size}): cannot sample at temperature {p.temperature}; "
+                "the weights are probably corrupt or out of range"
+            )
         idx = np.arange(z.size)
         if 0 < p.top_k < z.size:
             idx = np.argpartition(-z, p.top_k - 1)[: p.top_k]
         idx = idx[np.argsort(-z[idx], kind="stable")]
-        zz = z[idx] / p.temperature
+        with np.errstate(over="ignore"):
+            zz = z[idx] / p.temperature
+        if not np.isfinite(zz[0]):  # a temperature so small that the top logit overflowed: greedy
+            return int(idx[0])
         probs = np.exp(zz - zz[0])
         probs /= probs.sum()
         if p.top_p < 1.0:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 import threading
 import warnings
 from collections.abc import Iterable, Sequence
@@ -46,6 +47,7 @@ from .errors import GGUFError, UnsupportedError
 # --- token types (gguf TokenType / llama_token_type) ------------------------------
 
 TT_NORMAL, TT_UNKNOWN, TT_CONTROL, TT_USER_DEFINED, TT_UNUSED, TT_BYTE = 1, 2, 3, 4, 5, 6
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # an SPM byte token's text
 
 # --- pre-tokenizer regexes, by `tokenizer.ggml.pre` (as in llama.cpp llama-vocab.cpp) --
 
@@ -120,7 +122,8 @@ class Vocab:
 
     @classmethod
     def from_metadata(cls, md: dict[str, Any]) -> Vocab:
-        model = md.get("tokenizer.ggml.model")
+        """Check every tokenizer key's type and length; a GGUFError names the key otherwise."""
+        model = _typed(md, "tokenizer.ggml.model", str)
         if model is None:
             raise GGUFError("metadata key 'tokenizer.ggml.model' is missing: the file has no tokenizer")
         if model not in ("gpt2", "llama"):
@@ -128,8 +131,9 @@ class Vocab:
                 f"tokenizer.ggml.model {model!r} is not supported (supported: 'gpt2' byte-level BPE, 'llama' SentencePiece)"
             )
         tokens = md.get("tokenizer.ggml.tokens")
-        if not isinstance(tokens, list) or not tokens:
+        if not _is_str_list(tokens) or not tokens:
             raise GGUFError("metadata key 'tokenizer.ggml.tokens' is missing or not a string array")
+        _check_text("tokenizer.ggml.tokens", tokens)
         n = len(tokens)
         if len(set(tokens)) != n:
             seen: dict[str, int] = {}
@@ -138,31 +142,51 @@ class Vocab:
                     raise GGUFError(f"duplicate token in 'tokenizer.ggml.tokens': {t!r} has ids {seen[t]} and {i}")
                 seen[t] = i
 
-        def arr(key: str, dtype, default=None):
+        def arr(key: str, dtype, kinds: str, default=None):
             v = md.get(key)
             if v is None:
                 return default
-            a = np.asarray(v).astype(dtype, copy=False)
-            if a.ndim != 1 or len(a) < n:
-                raise GGUFError(f"metadata key {key!r} has {a.size} entries, expected {n} (one per token)")
-            return a[:n]
+            if not isinstance(v, np.ndarray) or v.dtype.kind not in kinds:
+                got = f"an array of {v.dtype}" if isinstance(v, np.ndarray) else type(v).__name__
+                want = "integers" if kinds == "iu" else "numbers"
+                raise GGUFError(f"metadata key {key!r} has wrong type {got}, expected an array of {want} (one per token)")
+            if v.ndim != 1 or len(v) != n:
+                raise GGUFError(f"metadata key {key!r} has {v.size} entries, expected {n} (one per token)")
+            return v.astype(dtype, copy=False)
 
-        token_type = arr("tokenizer.ggml.token_type", np.int32, np.full(n, TT_NORMAL, np.int32))
-        scores = arr("tokenizer.ggml.scores", np.float32)
+        token_type = arr("tokenizer.ggml.token_type", np.int32, "iu", np.full(n, TT_NORMAL, np.int32))
+        scores = arr("tokenizer.ggml.scores", np.float32, "iuf")
         merges = md.get("tokenizer.ggml.merges")
-        if model == "gpt2" and not isinstance(merges, list):
+        if merges is not None:
+            if not _is_str_list(merges):
+                raise GGUFError(f"metadata key 'tokenizer.ggml.merges' has wrong type {type(merges).__name__}, "
+                                "expected an array of strings")
+            _check_text("tokenizer.ggml.merges", merges)
+        if model == "gpt2" and merges is None:
             raise GGUFError("metadata key 'tokenizer.ggml.merges' is missing: a gpt2 (BPE) tokenizer needs merges")
-        pre = str(md.get("tokenizer.ggml.pre", "")) if model == "gpt2" else ""
+        pre = (_typed(md, "tokenizer.ggml.pre", str) or "") if model == "gpt2" else ""
 
         def tid(key: str, default: int | None) -> int | None:
-            v = md.get(key, default)
+            v = _typed(md, key, int)
+            if v is None:
+                v = default
             if v is None:
                 return None
-            v = int(v)
             if not 0 <= v < n:
                 warnings.warn(f"metadata key {key!r} = {v} is outside the vocabulary (0..{n - 1}); ignored", stacklevel=3)
                 return default if default is not None and 0 <= default < n else None
             return v
+
+        def flag(key: str, default: bool) -> bool:
+            v = _typed(md, key, int)  # BOOL in the file; an integer is read as llama.cpp would (non-zero)
+            return default if v is None else bool(v)
+
+        template = _typed(md, "tokenizer.chat_template", str)
+        if template is not None and not _is_utf8(template):
+            # invalid UTF-8 (kept as surrogate escapes by the reader) would fail at encode time
+            warnings.warn("metadata key 'tokenizer.chat_template' is not valid UTF-8; invalid bytes become U+FFFD",
+                          stacklevel=2)
+            template = template.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
         spm = model == "llama"
         llama3 = pre in _PRE and _PRE[pre][1]
@@ -178,10 +202,43 @@ class Vocab:
             eos_id=tid("tokenizer.ggml.eos_token_id", 2 if spm else None),
             eot_id=tid("tokenizer.ggml.eot_token_id", None),
             eom_id=tid("tokenizer.ggml.eom_token_id", None),
-            add_bos=bool(md.get("tokenizer.ggml.add_bos_token", add_bos_default)),
-            add_space_prefix=bool(md.get("tokenizer.ggml.add_space_prefix", spm)),
-            chat_template=md.get("tokenizer.chat_template"),
+            add_bos=flag("tokenizer.ggml.add_bos_token", add_bos_default),
+            add_space_prefix=flag("tokenizer.ggml.add_space_prefix", spm),
+            chat_template=template,
         )
+
+
+def _typed(md: dict[str, Any], key: str, kind: type) -> Any:
+    """md[key] checked to be a `kind` (a bool counts as an int: flags may be written either way); None if absent."""
+    v = md.get(key)
+    if v is None:
+        return None
+    ok = isinstance(v, kind) or (kind is int and isinstance(v, np.integer))
+    if not ok:
+        raise GGUFError(f"metadata key {key!r} has wrong type {type(v).__name__}, expected {kind.__name__}")
+    return int(v) if kind is int else v
+
+
+def _is_str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _is_utf8(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _check_text(key: str, strings: list[str]) -> None:
+    """Strings the tokenizers library will see must be valid UTF-8; the GGUF reader keeps
+    invalid bytes as surrogate escapes, which the library cannot take."""
+    if _is_utf8("".join(strings)):
+        return
+    i = next(i for i, s in enumerate(strings) if not _is_utf8(s))
+    raw = strings[i].encode("utf-8", "surrogateescape")
+    raise GGUFError(f"metadata key {key!r} entry {i} is not valid UTF-8: {raw!r}")
 
 
 # --- building the HF tokenizers model -----------------------------------------------
@@ -274,6 +331,22 @@ def _build_spm(v: Vocab):
     return tok, phantom
 
 
+def _build_error(v: Vocab, e: BaseException) -> str:
+    """The tokenizers library's complaint -> a message naming the metadata key and the entry."""
+    if v.model == "gpt2":
+        vocab = set(v.tokens)
+        for i, m in enumerate(v.merges or ()):
+            k = m.find(" ", 1)
+            if k <= 0:
+                continue
+            for part in (m[:k], m[k + 1 :], m[:k] + m[k + 1 :]):
+                if part not in vocab:
+                    return (f"metadata key 'tokenizer.ggml.merges' entry {i} ({m!r}) is invalid: "
+                            f"{part!r} is not in 'tokenizer.ggml.tokens'")
+        return f"metadata keys 'tokenizer.ggml.tokens' / 'tokenizer.ggml.merges' do not make a BPE tokenizer: {e}"
+    return f"metadata keys 'tokenizer.ggml.tokens' / 'tokenizer.ggml.scores' do not make a SentencePiece tokenizer: {e}"
+
+
 # --- the tokenizer ------------------------------------------------------------------
 
 
@@ -283,18 +356,25 @@ class Tokenizer:
     def __init__(self, vocab: Vocab):
         self.vocab = vocab
         self._phantom: dict[int, list[int]] = {}  # SPM: id >= n_vocab -> byte token ids
-        if vocab.model == "llama":
-            self._tok, phantom = _build_spm(vocab)
-            byte_ids = {t: i for i, t in enumerate(vocab.tokens) if t.startswith("<0x")}
-            for k, c in enumerate(phantom):
-                self._phantom[len(vocab.tokens) + k] = [byte_ids[f"<0x{b:02X}>"] for b in c.encode() if f"<0x{b:02X}>" in byte_ids]
-        else:
-            self._tok = _build_bpe(vocab)
-        special, user = _added_tokens(vocab)
-        if special:
-            self._tok.add_special_tokens(special)
-        if user:
-            self._tok.add_tokens(user)
+        try:
+            if vocab.model == "llama":
+                self._tok, phantom = _build_spm(vocab)
+                byte_ids = {t: i for i, t in enumerate(vocab.tokens) if t.startswith("<0x")}
+                for k, c in enumerate(phantom):
+                    self._phantom[len(vocab.tokens) + k] = [byte_ids[f"<0x{b:02X}>"] for b in c.encode() if f"<0x{b:02X}>" in byte_ids]
+            else:
+                self._tok = _build_bpe(vocab)
+            special, user = _added_tokens(vocab)
+            if special:
+                self._tok.add_special_tokens(special)
+            if user:
+                self._tok.add_tokens(user)
+        except BaseException as e:
+            # The tokenizers library reports a bad vocabulary as a bare Exception (or a Rust
+            # panic, which is a BaseException): name the key instead.
+            if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+                raise
+            raise GGUFError(_build_error(vocab, e)) from None
         self._lock = threading.Lock()  # encode_special_tokens is tokenizer-wide state
         self._pieces: list[bytes | None] = [None] * len(vocab.tokens)
         self.bos_id = vocab.bos_id
@@ -367,7 +447,7 @@ class Tokenizer:
         if kind in (TT_CONTROL, TT_UNKNOWN, TT_USER_DEFINED):
             return text.encode("utf-8")
         if self.vocab.model == "llama":
-            if kind == TT_BYTE and len(text) == 6 and text.startswith("<0x"):
+            if kind == TT_BYTE and _BYTE_TOKEN.fullmatch(text):
                 return bytes([int(text[3:5], 16)])
             return text.replace("▁", " ").encode("utf-8")
         _, u2b = _byte_table()
