@@ -404,3 +404,61 @@ def test_duplicate_tokens_rejected():
     tokens[-1] = tokens[-2]
     with pytest.raises(GGUFError, match="duplicate token"):
         Tokenizer.from_metadata(_spm_metadata(tokens, types, scores))
+
+
+# --- bad metadata: every problem is a GGUFError naming the key ---------------------------------
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("tokenizer.ggml.model", np.array([1, 2]), r"'tokenizer.ggml.model' has wrong type ndarray, expected str"),
+    ("tokenizer.ggml.token_type", ["a", "b"], r"'tokenizer.ggml.token_type' has wrong type list, expected an array of integers"),
+    ("tokenizer.ggml.token_type", np.array([1.5, 2.5]), r"'tokenizer.ggml.token_type' has wrong type an array of float64"),
+    ("tokenizer.ggml.token_type", np.ones(7, np.int32), r"'tokenizer.ggml.token_type' has 7 entries, expected \d+ \(one per token\)"),
+    ("tokenizer.ggml.scores", ["x"], r"'tokenizer.ggml.scores' has wrong type list, expected an array of numbers"),
+    ("tokenizer.ggml.scores", np.zeros(10**4, np.float32), r"'tokenizer.ggml.scores' has 10000 entries, expected"),
+    ("tokenizer.ggml.bos_token_id", "1", r"'tokenizer.ggml.bos_token_id' has wrong type str, expected int"),
+    ("tokenizer.ggml.eos_token_id", 2.0, r"'tokenizer.ggml.eos_token_id' has wrong type float, expected int"),
+    ("tokenizer.ggml.add_bos_token", np.array([True, False]), r"'tokenizer.ggml.add_bos_token' has wrong type ndarray"),
+    ("tokenizer.chat_template", 7, r"'tokenizer.chat_template' has wrong type int, expected str"),
+])
+def test_bad_spm_metadata_names_the_key(key, value, match):
+    from flexio.errors import GGUFError
+
+    md = _spm_metadata(*_toy_spm_vocab())
+    md[key] = value
+    with pytest.raises(GGUFError, match=match):
+        Tokenizer.from_metadata(md)
+
+
+def test_bad_bpe_metadata_names_the_key(smollm2_path):
+    from flexio.errors import GGUFError
+    from flexio.gguf import open_gguf
+
+    md = dict(open_gguf(smollm2_path).metadata)
+    bad = dict(md, **{"tokenizer.ggml.merges": np.zeros(3, np.int32)})
+    with pytest.raises(GGUFError, match=r"'tokenizer.ggml.merges' has wrong type ndarray, expected an array of strings"):
+        Tokenizer.from_metadata(bad)
+    tokens = list(md["tokenizer.ggml.tokens"])
+    tokens[300] = "\udcff" + tokens[300]  # an invalid byte, as the reader keeps it (surrogateescape)
+    with pytest.raises(GGUFError, match=r"'tokenizer.ggml.tokens' entry 300 is not valid UTF-8: b'\\xff"):
+        Tokenizer.from_metadata(dict(md, **{"tokenizer.ggml.tokens": tokens}))
+    merges = list(md["tokenizer.ggml.merges"])
+    merges[7] = "Ġt hxq"
+    with pytest.raises(GGUFError, match=r"'tokenizer.ggml.merges' entry 7 \('Ġt hxq'\) is invalid: 'hxq' is not in"):
+        Tokenizer.from_metadata(dict(md, **{"tokenizer.ggml.merges": merges}))
+
+
+def test_invalid_chat_template_bytes_are_replaced():
+    md = _spm_metadata(*_toy_spm_vocab())
+    md["tokenizer.chat_template"] = "{{ 'x\udce9' }}"
+    with pytest.warns(UserWarning, match="not valid UTF-8"):
+        t = Tokenizer.from_metadata(md)
+    assert t.apply_chat_template([]) == "x\ufffd"
+
+
+def test_malformed_byte_token_decodes_as_text():
+    tokens, types, scores = _toy_spm_vocab()
+    tokens = list(tokens)
+    tokens[3 + 0x41] = "<0xZZ>"  # type BYTE, but not a hex byte
+    t = Tokenizer.from_metadata(_spm_metadata(tokens, types, scores))
+    assert t.decode([3 + 0x41]) == "<0xZZ>"
