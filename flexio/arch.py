@@ -29,7 +29,7 @@ from .errors import GGUFError, UnsupportedError
 if TYPE_CHECKING:
     from .gguf import TensorInfo
 
-_LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
+LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)$")  # blk.<layer>.<role>
 _VECTOR_TYPES = (int(GGMLQuantizationType.F32), int(GGMLQuantizationType.F16))
 
 # --- the families -----------------------------------------------------------------------
@@ -221,7 +221,7 @@ def _check_block_count(key: str, n_layer: int, tensors: Mapping[str, TensorInfo]
 
     Checked before any per-layer name is built, so a bogus count (2**32-1) costs nothing.
     """
-    layers = {int(m.group(1)) for m in map(_LAYER_RE.match, tensors) if m}
+    layers = {int(m.group(1)) for m in map(LAYER_RE.match, tensors) if m}
     if not layers:
         raise GGUFError(f"key {key!r} = {n_layer} but the file has no blk.N tensors")
     top = max(layers)

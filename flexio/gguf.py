@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import stat
 import struct
 from collections.abc import Callable
@@ -39,7 +38,7 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from .arch import ModelConfig, check_architecture, check_tensors, expected_shapes, model_config
+from .arch import LAYER_RE, ModelConfig, check_architecture, check_tensors, expected_shapes, model_config
 from .errors import GGUFError, UnsupportedError
 
 log = logging.getLogger("flexio.gguf")
@@ -74,8 +73,6 @@ _U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
 # The fewest bytes one record can take: they bound n_kv and n_tensors by the file size.
 MIN_KV_BYTES = 8 + 1 + 4 + 1  # key length, a 1-byte key, type, a 1-byte value
 MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 8 + 4 + 8  # name length, 1-byte name, n_dims, one dim, type, offset
-
-_LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
 def type_name(ggml_type: int) -> str:
@@ -351,13 +348,13 @@ class TensorInfo:
 
     @property
     def layer(self) -> int | None:
-        m = _LAYER_RE.match(self.name)
+        m = LAYER_RE.match(self.name)
         return int(m.group(1)) if m else None
 
     @property
     def role(self) -> str:
         """Name without the layer prefix: 'attn_q.weight', 'token_embd.weight', ..."""
-        m = _LAYER_RE.match(self.name)
+        m = LAYER_RE.match(self.name)
         return m.group(2) if m else self.name
 
     @property

@@ -178,8 +178,8 @@ class Vocab:
             return v
 
         def flag(key: str, default: bool) -> bool:
-            v = _typed(md, key, int)  # BOOL in the file; an integer is read as llama.cpp would (non-zero)
-            return default if v is None else bool(v)
+            v = _typed(md, key, bool)  # BOOL in the file; an integer is read as non-zero = true
+            return default if v is None else v
 
         template = _typed(md, "tokenizer.chat_template", str)
         if template is not None and not _is_utf8(template):
@@ -209,14 +209,18 @@ class Vocab:
 
 
 def _typed(md: dict[str, Any], key: str, kind: type) -> Any:
-    """md[key] checked to be a `kind` (a bool counts as an int: flags may be written either way); None if absent."""
+    """md[key] checked to be a `kind`, None if absent. Integers and bools are accepted for each
+    other: a flag written as an integer is true when non-zero."""
     v = md.get(key)
     if v is None:
         return None
-    ok = isinstance(v, kind) or (kind is int and isinstance(v, np.integer))
-    if not ok:
+    if kind in (int, bool):
+        if not isinstance(v, (int, np.integer)):
+            raise GGUFError(f"metadata key {key!r} has wrong type {type(v).__name__}, expected {kind.__name__}")
+        return kind(v)
+    if not isinstance(v, kind):
         raise GGUFError(f"metadata key {key!r} has wrong type {type(v).__name__}, expected {kind.__name__}")
-    return int(v) if kind is int else v
+    return v
 
 
 def _is_str_list(v: Any) -> bool:

@@ -35,7 +35,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pytest
 from gguf import GGUFValueType, GGUFWriter
 from hypothesis import HealthCheck, Phase, given, seed, settings
@@ -557,8 +556,17 @@ def mutations(draw, bases: dict[str, Base]) -> Mutation:
 # --- the fuzz tests -------------------------------------------------------------------------
 
 
-def fuzz(pool: Pool, bases: dict[str, Base], tmp: Path, n_cases: int, smollm2_gen_every: int, seed_: int) -> Counter:
-    """Run n_cases distinct mutations through the pool; fail listing every case that failed."""
+def boundary_sweep(b: Base, every_value: bool) -> list[Mutation]:
+    """Every field of `b` with every boundary value, or with one each (the values in rotation)."""
+    vals = list(BOUNDARY)
+    return [Mutation(b.name, f"write {BOUNDARY[v]} into {f.label} (@{f.at})", put(b.head, f, v))
+            for j, f in enumerate(b.lay.fields) for v in (vals if every_value else [vals[j % len(vals)]])]
+
+
+def fuzz(pool: Pool, bases: dict[str, Base], tmp: Path, n_cases: int, smollm2_gen_every: int, seed_: int,
+         sweep: list[Mutation]) -> Counter:
+    """Run the sweep, then distinct hypothesis mutations, n_cases in all, through the pool; fail
+    listing every case that failed."""
     stats: Counter = Counter()
     failures: list[str] = []
     tracebacks: list[str] = []
@@ -581,10 +589,13 @@ def fuzz(pool: Pool, bases: dict[str, Base], tmp: Path, n_cases: int, smollm2_ge
     # and the verdicts come back through done(). Hypothesis never sees a failure, so it never
     # shrinks: each failure is reported with its mutation's name, all of them at the end.
     @seed(seed_)  # fixed: CI runs the same cases every time
-    @settings(max_examples=3 * n_cases // 2, database=None, deadline=None,  # room for duplicates
+    @settings(max_examples=2 * n_cases, database=None, deadline=None,  # room for duplicates (~30 %)
               phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
     @given(mutations(bases))
     def run(m: Mutation) -> None:
+        submit(m)
+
+    def submit(m: Mutation) -> None:
         label = f"{m.base}: {m.label}"
         k = stats["cases"]
         if label in seen or k >= n_cases:
@@ -599,6 +610,9 @@ def fuzz(pool: Pool, bases: dict[str, Base], tmp: Path, n_cases: int, smollm2_ge
         # SmolLM2's tokenizer (49k tokens) takes ~0.1 s to build: only where the case generates
         pool.submit(Case(label, path, gen, temperature=0.7 if k % 8 == 7 else 0.0, tokenizer=gen), done)
 
+    for m in sweep:
+        submit(m)
+    stats["swept"] = stats["cases"]
     run()
     pool.drain()
     stats["failures"] = len(failures)
@@ -613,16 +627,22 @@ def _report(stats: Counter, pool: Pool, t: float) -> None:
 
 
 def test_fuzz_headers(pool, bases, tmp_path):
+    """2,000 cases: every field of the tiny files with one boundary value, then hypothesis."""
     t0 = time.perf_counter()
-    stats = fuzz(pool, bases, tmp_path, n_cases=2000, smollm2_gen_every=8, seed_=20250101)
+    sweep = boundary_sweep(bases["tiny-llama"], False) + boundary_sweep(bases["tiny-qwen2"], False)
+    stats = fuzz(pool, bases, tmp_path, n_cases=2000, smollm2_gen_every=8, seed_=20250101, sweep=sweep)
     _report(stats, pool, time.perf_counter() - t0)
     assert stats["cases"] >= 2000 and stats["generated"] >= 10, stats
 
 
 @pytest.mark.slow
 def test_fuzz_headers_many(pool, bases, tmp_path):
+    """20,000 cases: every boundary value in every field of the tiny files, one in every field of
+    SmolLM2's header (all 272 tensor infos), then hypothesis."""
     t0 = time.perf_counter()
-    stats = fuzz(pool, bases, tmp_path, n_cases=20000, smollm2_gen_every=16, seed_=31337)
+    sweep = [m for name in ("tiny-llama", "tiny-qwen2") for m in boundary_sweep(bases[name], True)]
+    sweep += boundary_sweep(bases["smollm2"], False)
+    stats = fuzz(pool, bases, tmp_path, n_cases=20000, smollm2_gen_every=16, seed_=31337, sweep=sweep)
     _report(stats, pool, time.perf_counter() - t0)
     assert stats["cases"] >= 20000 and stats["generated"] >= 50, stats
 
