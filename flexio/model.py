@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGMLQuantizationType
 
+# flexio_kernels is the top-level kernels/ folder (Numba kernels only: one layout table, one kernel per
+# quant format, a portable twin beside each SIMD one), installed under that import name (pyproject.toml).
 from flexio_kernels import dequantize_rows, matmul
 from flexio_kernels import ops
 

