@@ -55,6 +55,7 @@ log = logging.getLogger("flexio.engine")
 PARALLEL_CHUNK = 16
 DEFAULT_CTX = 4096  # the context when none is given: the model's own, at most this
 IO_BACKENDS = ("auto", "io_uring", "threads")
+MAX_PARALLEL = 64
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,29 @@ class GenerationStats:
         # the first generated token comes from the prefill pass; decode passes make the rest
         n = max(self.decode_tokens - 1, 0)
         return n / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class EngineMetrics:
+    """What the engine is doing, for monitoring (the server's /metrics). Totals count since open()."""
+
+    parallel: int  # sequences that can run at once
+    n_ctx_seq: int  # the context of one sequence, tokens
+    requests_running: int  # sequences in the current batch
+    requests_waiting: int  # requests waiting for a free sequence slot
+    requests_total: int  # generations finished (any stop reason)
+    prompt_tokens_total: int
+    generated_tokens_total: int
+    passes_total: int  # forward passes over the weights
+    batch_size_mean: float  # sequences per pass, mean since open (0.0 before the first pass)
+    decode_tok_s: float  # generated tokens per second over the last RATE_WINDOW_S seconds of passes
+    streamed_bytes_per_pass: int  # weight bytes a pass reads from disk (the plan's)
+    bytes_read_total: int  # weight bytes read from disk while generating
+    weights_bytes: int  # memory the weights hold (resident + window + vectors)
+    kv_cache_bytes: int  # memory the KV caches of all sequence slots hold
+
+
+RATE_WINDOW_S = 10.0
 
 
 def available_cpus() -> int:
@@ -103,16 +127,18 @@ class Engine:
     budget: bytes (or "1.5GiB", "25%") of memory for weights; None = the whole model (mode "memory").
     window: stages (layers) kept in flight ahead of compute (>= 1). policy: "auto", "ffn", "attn", "mixed".
     mode: see flexio/modes.py. threads: compute threads (None or 0: all cores).
-    n_ctx: context length (None: the model's own, at most 4096; 0: the model's own). io_backend: "auto",
-    "io_uring", "threads". progress: called on the event loop with a short description of each
-    loading step as it starts (the CLI shows it as a status line).
+    n_ctx: context length in tokens shared by the `parallel` sequences, as llama-server's -c (None: the
+    model's own, at most 4096; 0: the model's own); each sequence may use n_ctx // parallel of it.
+    parallel: sequences generated at once (1..MAX_PARALLEL). io_backend: "auto", "io_uring", "threads".
+    progress: called on the event loop with a short description of each loading step as it starts
+    (the CLI shows it as a status line).
     Every attribute exists from construction; the model-dependent ones are set by `open()`.
     """
 
     def __init__(self, model: str, *, budget: int | str | None = None, window: int = 3, policy: str = "auto",
                  mode: str | Mode | None = None, threads: int | None = None, n_ctx: int | None = None,
                  io_backend: str = "auto", cost: CostModel | None = None, lock: bool = True,
-                 progress: Callable[[str], None] | None = None):
+                 parallel: int = 1, progress: Callable[[str], None] | None = None):
         self.mode = get_mode(mode or ("memory" if budget is None else "flexinfer"))
         if policy not in POLICIES:
             raise ParameterError(f"policy: expected one of {', '.join(POLICIES)}, got {policy!r}", param="policy")
@@ -122,13 +148,15 @@ class Engine:
         if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 0):
             raise ParameterError(f"n_ctx: expected 0 (the model's own context) or a positive number of tokens, "
                                  f"got {n_ctx!r}", param="n_ctx")
+        if isinstance(parallel, bool) or not isinstance(parallel, int) or not 1 <= parallel <= MAX_PARALLEL:
+            raise ParameterError(f"parallel: expected 1..{MAX_PARALLEL} sequences, got {parallel!r}", param="parallel")
         if io_backend not in IO_BACKENDS:
             raise ParameterError(f"io_backend: expected one of {', '.join(IO_BACKENDS)}, got {io_backend!r}",
                                  param="io_backend")
         if budget is not None and not (isinstance(budget, str) and budget.strip().endswith("%")):
             parse_size(budget, what="budget")  # a malformed size is refused before any file is opened
         self.model_ref = model
-        self.budget, self.window, self.policy = budget, window, policy
+        self.budget, self.window, self.policy, self.parallel = budget, window, policy, parallel
         self.threads = check_threads(threads)
         self.io_backend, self.cost, self.lock = io_backend, cost, lock
         self._n_ctx = n_ctx
@@ -141,11 +169,16 @@ class Engine:
         self._weights: list[list] = []  # [stage][slot] -> LayerWeights or head chunk weights
         self._output_norm: np.ndarray | None = None
         self._warned_deleted = False
+        self._waiting = 0  # generations waiting for the compute side
+        self._running = 0
+        self._totals = {"requests": 0, "prompt": 0, "generated": 0, "passes": 0, "batched": 0}
+        self._recent: list[tuple[float, int]] = []  # (time a pass ended, tokens it generated), last RATE_WINDOW_S
         # set by open():
         self.gguf: GGUFFile | None = None
         self.config: ModelConfig | None = None
         self.tokenizer: Tokenizer | None = None
-        self.n_ctx = 0
+        self.n_ctx = 0  # the context shared by the parallel sequences
+        self.n_ctx_seq = 0  # the context of one sequence: n_ctx // parallel
         self.model: Model | None = None
         self.plan: Plan | None = None
         self.arena: Arena | None = None
@@ -198,10 +231,14 @@ class Engine:
             self.n_ctx = min(c.n_ctx_train, DEFAULT_CTX)
         else:
             self.n_ctx = self._n_ctx or c.n_ctx_train
-            if self.n_ctx > c.n_ctx_train:
-                log.warning("n_ctx %d is larger than the context the model was trained for (%d): output past "
-                            "%d tokens may degrade", self.n_ctx, c.n_ctx_train, c.n_ctx_train)
-        self.model = Model(c, self.n_ctx)
+        self.n_ctx_seq = self.n_ctx // self.parallel
+        if self.n_ctx_seq < 1:
+            raise ParameterError(f"n_ctx: {self.n_ctx} tokens cannot be shared by {self.parallel} sequences: "
+                                 f"expected at least {self.parallel}", param="n_ctx")
+        if self.n_ctx_seq > c.n_ctx_train:
+            log.warning("a sequence's context of %d tokens is larger than the context the model was trained for "
+                        "(%d): output past %d tokens may degrade", self.n_ctx_seq, c.n_ctx_train, c.n_ctx_train)
+        self.model = Model(c, self.n_ctx_seq)
         numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
 
     def _calibrate(self) -> None:
@@ -339,13 +376,14 @@ class Engine:
             raise ParameterError(f"max_tokens: expected an integer >= 0, got {max_tokens!r}", param="max_tokens")
         if n_prompt == 0:
             raise ParameterError("prompt: expected at least one token, got an empty prompt", param="prompt")
-        if n_prompt > self.n_ctx:
-            raise ParameterError(f"prompt: {n_prompt} tokens do not fit the context of {self.n_ctx} tokens "
+        n = self.n_ctx_seq
+        if n_prompt > n:
+            raise ParameterError(f"prompt: {n_prompt} tokens do not fit the context of {n} tokens "
                                  f"(raise the context, up to the model's {self.config.n_ctx_train})", param="prompt")
-        if n_prompt + max_tokens > self.n_ctx:
+        if n_prompt + max_tokens > n:
             raise ParameterError(
                 f"max_tokens: the prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) = {n_prompt + max_tokens} "
-                f"exceeds the context of {self.n_ctx} tokens: expected max_tokens <= {self.n_ctx - n_prompt} "
+                f"exceeds the context of {n} tokens: expected max_tokens <= {n - n_prompt} "
                 f"(or a larger context, up to the model's {self.config.n_ctx_train})", param="max_tokens")
 
     def _io_counters(self) -> tuple[float, int]:
@@ -374,15 +412,22 @@ class Engine:
         self.check_request(len(tokens), max_tokens)
         sampler = Sampler(sampling or SamplingParams())
         stop_ids = frozenset() if ignore_eos else self.tokenizer.stop_ids
-        async with self._lock:
+        self._waiting += 1
+        try:
+            await self._lock.acquire()
+        finally:
+            self._waiting -= 1
+        self._running += 1
+        try:
             self._check_file()
-            cache = KVCache(self.config, self.n_ctx)
+            cache = KVCache(self.config, self.n_ctx_seq)
             generated, reason = 0, "length"
             t0 = time.perf_counter()
             t_prompt = t_dec = 0.0
             io0 = (0.0, 0)
             try:
                 logits = await self._run(self.forward, tokens, cache)
+                self._count_pass(0)
                 t_prompt = time.perf_counter() - t0
                 t1 = time.perf_counter()
                 io0 = self._io_counters()
@@ -396,6 +441,7 @@ class Engine:
                     if generated == max_tokens:
                         break
                     logits = await self._run(self.forward, [tok], cache)
+                    self._count_pass(1)
                 t_dec = time.perf_counter() - t1
             except (asyncio.CancelledError, GeneratorExit):
                 reason = "cancelled"
@@ -404,6 +450,40 @@ class Engine:
                 wait, nbytes = ([b - a for a, b in zip(io0, self._io_counters())] if t_dec and self.stream
                                 else (0.0, 0))
                 self.stats = GenerationStats(len(tokens), t_prompt, generated, t_dec, reason, wait, int(nbytes))
+                self._totals["requests"] += 1
+                self._totals["prompt"] += len(tokens)
+                self._totals["generated"] += generated
+        finally:
+            self._running -= 1
+            self._lock.release()
+
+    def _count_pass(self, generated: int) -> None:
+        now = time.monotonic()
+        self._totals["passes"] += 1
+        self._totals["batched"] += self._running
+        self._recent.append((now, generated))
+        while self._recent and self._recent[0][0] < now - RATE_WINDOW_S:
+            self._recent.pop(0)
+
+    def metrics(self) -> EngineMetrics:
+        """What the engine is doing now and has done since open() (see EngineMetrics)."""
+        t = self._totals
+        now = time.monotonic()
+        recent = [(at, n) for at, n in self._recent if at >= now - RATE_WINDOW_S]
+        span = now - recent[0][0] if len(recent) > 1 else 0.0
+        plan = self.plan
+        kv = KVCache.bytes_for(self.config, self.n_ctx_seq) * self.parallel if self.config else 0
+        return EngineMetrics(
+            parallel=self.parallel, n_ctx_seq=self.n_ctx_seq,
+            requests_running=self._running, requests_waiting=self._waiting, requests_total=t["requests"],
+            prompt_tokens_total=t["prompt"], generated_tokens_total=t["generated"], passes_total=t["passes"],
+            batch_size_mean=t["batched"] / t["passes"] if t["passes"] else 0.0,
+            decode_tok_s=sum(n for _, n in recent[1:]) / span if span > 0 else 0.0,
+            streamed_bytes_per_pass=plan.streamed_bytes_per_token if plan else 0,
+            bytes_read_total=self.stream.statistics().bytes_read if self.stream else 0,
+            weights_bytes=plan.total_bytes if plan and not self.mode.page_cache else 0,
+            kv_cache_bytes=kv,
+        )
 
     async def generate(
         self, prompt: str, max_tokens: int = 128, sampling: SamplingParams | None = None, chat: bool = False,

@@ -139,6 +139,11 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
 
+    @staticmethod
+    def bytes_for(cfg: ModelConfig, n_ctx: int) -> int:
+        """Bytes of a full cache of n_ctx tokens: keys and values, float16, every layer."""
+        return 2 * cfg.n_layer * n_ctx * cfg.kv_dim * 2
+
 
 class Scratch:
     """Activation buffers for n tokens at once (reused across layers and tokens)."""
