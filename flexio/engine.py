@@ -7,7 +7,9 @@ Threads and tasks
   One compute thread runs forward passes (Numba kernels release the GIL). The
   event loop owns the I/O: a pump task (in the engine's TaskGroup) keeps the plan's
   window of stages in flight through the io_uring reader. The two meet in the
-  StageStream's counters. Two generations on one engine are serialised by a lock.
+  StageStream's counters. A scheduler task (also in the TaskGroup) batches concurrent
+  generations (flexio/batcher.py): every running sequence rides every pass, so the weights
+  are read once per pass for all of them.
 
 Modes (flexio/modes.py defines them; all give the same greedy tokens): memory, flexinfer,
 no-preserve, no-balance, prefetch-only, no-prefetch, sync, mmap.
@@ -35,7 +37,8 @@ from .calibrate import calibrate
 from .errors import BudgetError, FlexioError, ParameterError
 from .fetch import model_path
 from .gguf import GGUFFile, ModelConfig, open_gguf
-from .model import LAYER_FIELDS, KVCache, LayerWeights, Model, Weight, vector, warmup_kernels, weight
+from .batcher import END, Batcher, QueueFullError, Sequence as Request
+from .model import LAYER_FIELDS, KVCache, LayerWeights, Model, Segment, Weight, vector, warmup_kernels, weight
 from .modes import POLICIES, Mode, mode as get_mode
 from .plan import CostModel, Plan, model_footprint, plan_budget
 from .prefetch import StageStream
@@ -56,6 +59,7 @@ PARALLEL_CHUNK = 16
 DEFAULT_CTX = 4096  # the context when none is given: the model's own, at most this
 IO_BACKENDS = ("auto", "io_uring", "threads")
 MAX_PARALLEL = 64
+PROCESS_RESERVE = 512 << 20  # memory left to the process itself (Python, Numba, tokenizer, scratch) beside weights and KV
 
 
 @dataclass(frozen=True)
@@ -129,7 +133,8 @@ class Engine:
     mode: see flexio/modes.py. threads: compute threads (None or 0: all cores).
     n_ctx: context length in tokens shared by the `parallel` sequences, as llama-server's -c (None: the
     model's own, at most 4096; 0: the model's own); each sequence may use n_ctx // parallel of it.
-    parallel: sequences generated at once (1..MAX_PARALLEL). io_backend: "auto", "io_uring", "threads".
+    parallel: sequences generated at once (1..MAX_PARALLEL), each with a KV cache allocated at open;
+    max_waiting: requests that may wait for a sequence slot. io_backend: "auto", "io_uring", "threads".
     progress: called on the event loop with a short description of each loading step as it starts
     (the CLI shows it as a status line).
     Every attribute exists from construction; the model-dependent ones are set by `open()`.
@@ -138,7 +143,7 @@ class Engine:
     def __init__(self, model: str, *, budget: int | str | None = None, window: int = 3, policy: str = "auto",
                  mode: str | Mode | None = None, threads: int | None = None, n_ctx: int | None = None,
                  io_backend: str = "auto", cost: CostModel | None = None, lock: bool = True,
-                 parallel: int = 1, progress: Callable[[str], None] | None = None):
+                 parallel: int = 1, max_waiting: int = 1024, progress: Callable[[str], None] | None = None):
         self.mode = get_mode(mode or ("memory" if budget is None else "flexinfer"))
         if policy not in POLICIES:
             raise ParameterError(f"policy: expected one of {', '.join(POLICIES)}, got {policy!r}", param="policy")
@@ -150,6 +155,8 @@ class Engine:
                                  f"got {n_ctx!r}", param="n_ctx")
         if isinstance(parallel, bool) or not isinstance(parallel, int) or not 1 <= parallel <= MAX_PARALLEL:
             raise ParameterError(f"parallel: expected 1..{MAX_PARALLEL} sequences, got {parallel!r}", param="parallel")
+        if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 0:
+            raise ParameterError(f"max_waiting: expected an integer >= 0, got {max_waiting!r}", param="max_waiting")
         if io_backend not in IO_BACKENDS:
             raise ParameterError(f"io_backend: expected one of {', '.join(IO_BACKENDS)}, got {io_backend!r}",
                                  param="io_backend")
@@ -157,11 +164,11 @@ class Engine:
             parse_size(budget, what="budget")  # a malformed size is refused before any file is opened
         self.model_ref = model
         self.budget, self.window, self.policy, self.parallel = budget, window, policy, parallel
+        self.max_waiting = max_waiting
         self.threads = check_threads(threads)
         self.io_backend, self.cost, self.lock = io_backend, cost, lock
         self._n_ctx = n_ctx
         self._progress = progress
-        self._lock = asyncio.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._stack: AsyncExitStack | None = None
         self._pump: asyncio.Task | None = None
@@ -169,8 +176,10 @@ class Engine:
         self._weights: list[list] = []  # [stage][slot] -> LayerWeights or head chunk weights
         self._output_norm: np.ndarray | None = None
         self._warned_deleted = False
-        self._waiting = 0  # generations waiting for the compute side
-        self._running = 0
+        self._batcher: Batcher | None = None  # requests -> rows of each pass (set by open)
+        self._wake = asyncio.Event()  # a request arrived or left: the scheduler looks again
+        self._caches: list[KVCache] = []  # one per sequence slot, allocated by open
+        self._scheduler: asyncio.Task | None = None
         self._totals = {"requests": 0, "prompt": 0, "generated": 0, "passes": 0, "batched": 0}
         self._recent: list[tuple[float, int]] = []  # (time a pass ended, tokens it generated), last RATE_WINDOW_S
         # set by open():
@@ -209,9 +218,12 @@ class Engine:
             if self.cost is None and self.policy == "auto" and self.mode.policy is None and self.mode.reads:
                 await self._step("calibrate", "measuring this disk and the kernels (once per disk)", self._calibrate)
             await self._step("weights", "reading resident weights", self._load_weights, path)
+            await self._step("kv", "allocating the KV caches", self._allocate_caches)
+            self._batcher = Batcher(self.parallel, self.max_waiting)
+            tg = await self._stack.enter_async_context(asyncio.TaskGroup())
             if self.stream.slots:
-                tg = await self._stack.enter_async_context(asyncio.TaskGroup())
                 self._pump = tg.create_task(self.stream.pump(), name="flexio-pump")
+            self._scheduler = tg.create_task(self._schedule(), name="flexio-scheduler")
         except BaseException:
             await self.close()
             raise
@@ -240,6 +252,26 @@ class Engine:
                         "(%d): output past %d tokens may degrade", self.n_ctx_seq, c.n_ctx_train, c.n_ctx_train)
         self.model = Model(c, self.n_ctx_seq)
         numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
+
+    def _allocate_caches(self) -> None:
+        """One KV cache per sequence slot, committed now; refused when they do not fit beside the weights."""
+        per_seq = KVCache.bytes_for(self.config, self.n_ctx_seq)
+        total = per_seq * self.parallel
+        limit = memory_limit()
+        weights = self.plan.total_bytes if not self.mode.page_cache else 0
+        if limit is not None and weights + total + PROCESS_RESERVE > limit[0]:
+            raise BudgetError(
+                f"the KV caches of {self.parallel} sequence(s) x {self.n_ctx_seq} tokens need {total:,} bytes "
+                f"({fmt_bytes(total)}), but {limit[1]} ({fmt_bytes(limit[0])}) leaves "
+                f"{fmt_bytes(max(0, limit[0] - weights - PROCESS_RESERVE))} beside the weights' {fmt_bytes(weights)} "
+                f"and {fmt_bytes(PROCESS_RESERVE)} for the process: lower the context, --parallel or the budget")
+        self._caches = [KVCache(self.config, self.n_ctx_seq, preallocate=True) for _ in range(self.parallel)]
+
+    def describe(self) -> str:
+        """The memory plan (what stays resident, what streams) and the KV caches beside it."""
+        kv = sum(c.nbytes for c in self._caches)
+        return (f"{self.plan.describe()}\n  KV caches: {self.parallel} x {self.n_ctx_seq} tokens = {fmt_bytes(kv)} "
+                f"(beside the budget); context {self.n_ctx} tokens shared by {self.parallel} sequence(s)")
 
     def _calibrate(self) -> None:
         self.cost = calibrate(self.gguf, self.threads)  # measured disk and kernel figures for the auto policy
@@ -290,10 +322,15 @@ class Engine:
             self.stream.abort()  # wakes a compute thread blocked on a stage that will never come
         if self._stack is not None:
             stack, self._stack = self._stack, None
-            if self._pump is not None:
-                self._pump.cancel()
+            for task in (self._pump, self._scheduler):
+                if task is not None:
+                    task.cancel()
             await stack.aclose()
-            self._pump = None  # a cancelled task keeps its frames (and their buffer views) alive
+            self._pump = self._scheduler = None  # a cancelled task keeps its frames (and their buffer views) alive
+        if self._batcher is not None:
+            self._batcher.close(FlexioError("the engine was closed during the generation"))
+            self._batcher = None
+        self._caches = []
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await asyncio.get_running_loop().run_in_executor(None, pool.shutdown, True)
@@ -325,33 +362,70 @@ class Engine:
     # --- forward pass (compute thread) ----------------------------------------------
 
     def forward(self, tokens: Sequence[int], cache: KVCache) -> np.ndarray:
-        """Run tokens (at positions cache.pos..) through every stage; return the last token's logits."""
-        ids = np.asarray(tokens, dtype=np.int64)
+        """Run tokens (at positions cache.pos..) of one sequence through every stage; return the last
+        token's logits. (Generation goes through `generate_tokens`, which batches; this is for tests.)"""
+        cache.reserve(cache.pos + len(tokens))
+        return self._forward_rows([(list(tokens), cache, cache.pos, True)])[0]
+
+    def _forward_rows(self, rows: list[tuple[list[int], KVCache, int, bool]]) -> list[np.ndarray | None]:
+        """One pass over the weights for several sequences: rows of (token ids, KV cache, position of the
+        first id, whether its last position's logits are wanted) -> those logits (None where not).
+        The weights are read once for all; each sequence's arithmetic is the same as if it ran alone."""
         vocab = self.config.vocab_size
+        ids = np.asarray([t for r in rows for t in r[0]], dtype=np.int64)
         if ids.size == 0 or ids.min() < 0 or ids.max() >= vocab:
-            raise ParameterError(f"token ids: expected 1 or more ids in [0, {vocab}), got {tokens!r:.80}",
+            raise ParameterError(f"token ids: expected 1 or more ids in [0, {vocab}), got {ids.tolist()!r:.80}",
                                  param="tokens")
-        n, pos0 = ids.size, cache.pos
-        cache.reserve(pos0 + n)
+        segments, last, r0 = [], [], 0
+        for toks, cache, pos0, want in rows:
+            if pos0 + len(toks) > cache.n_ctx:
+                raise ParameterError(f"tokens: positions {pos0}..{pos0 + len(toks) - 1} are past the context of "
+                                     f"{cache.n_ctx} tokens", param="tokens")
+            segments.append(Segment(r0, len(toks), cache, pos0))
+            if want:
+                last.append(r0 + len(toks) - 1)
+            r0 += len(toks)
         emb = self.plan.embedding
         raw, local = self.stream.embed_rows(ids, self._emb_fd)
         x = self.model.embed(Weight(emb.name, emb.ggml_type, raw.shape[0], emb.row_len, [(0, raw)]), local)
         st, model = self.stream, self.model
         h = logits = None
-        for _ in self.plan.stages:
-            stage, slot = st.acquire()
-            w = self._weights[stage][slot]
-            if isinstance(w, LayerWeights):
-                model.layer(self.plan.stages[stage].number, w, x, cache, pos0)
-            else:
-                if h is None:
-                    h = model.final_norm(self._output_norm, x[-1:])
-                    logits = np.empty((1, vocab), np.float32)
-                for chunk in w:
-                    chunk.matmul(h, logits)
-            st.release()
-        cache.pos = pos0 + n
-        return logits[0]
+        try:
+            for _ in self.plan.stages:
+                stage, slot = st.acquire()
+                try:
+                    w = self._weights[stage][slot]
+                    if isinstance(w, LayerWeights):
+                        model.layer(self.plan.stages[stage].number, w, x, segments)
+                    elif last:
+                        if h is None:
+                            h = model.final_norm(self._output_norm, np.ascontiguousarray(x[last]))
+                            logits = np.empty((len(last), vocab), np.float32)
+                        for chunk in w:
+                            chunk.matmul(h, logits)
+                finally:
+                    st.release()
+        except BaseException:
+            self._resync()
+            raise
+        for seg in segments:
+            seg.cache.pos = seg.pos0 + seg.n
+        out, k = [], 0
+        for _toks, _cache, _pos0, want in rows:
+            out.append(logits[k] if want else None)
+            k += want
+        return out
+
+    def _resync(self) -> None:
+        """After a pass failed midway, step the stream to the next pass boundary so that the next pass
+        gets its stages in order (if the stream itself failed, this raises its error again: nothing to do)."""
+        st = self.stream
+        try:
+            while st.consumed % st.n_stages:
+                st.acquire()
+                st.release()
+        except FlexioError:
+            pass
 
     # --- generation -------------------------------------------------------------
 
@@ -403,64 +477,83 @@ class Engine:
     ) -> AsyncIterator[int]:
         """Prompt token ids -> generated token ids, streamed; sets self.stats when done.
 
+        Concurrent calls run together: up to `parallel` sequences share every forward pass, the
+        others wait for a slot (at most `max_waiting`, beyond that QueueFullError). Leaving the
+        iteration early (break, cancellation) frees the slot at the next pass.
         ignore_eos: keep generating past end-of-generation tokens (as llama.cpp's --ignore-eos), for
         benchmarks that need a fixed number of tokens.
         """
-        if self.stream is None:
+        if self._batcher is None:
             raise FlexioError("the engine is not open: use `async with Engine(...)` or `await engine.open()`")
         tokens = list(tokens)
         self.check_request(len(tokens), max_tokens)
-        sampler = Sampler(sampling or SamplingParams())
-        stop_ids = frozenset() if ignore_eos else self.tokenizer.stop_ids
-        self._waiting += 1
+        vocab = self.config.vocab_size
+        if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < vocab for t in tokens):
+            raise ParameterError(f"tokens: expected token ids in [0, {vocab}), got {tokens!r:.80}", param="tokens")
+        seq = Request([int(t) for t in tokens], max_tokens, Sampler(sampling or SamplingParams()),
+                      frozenset() if ignore_eos else self.tokenizer.stop_ids)
+        self._check_file()
+        self._batcher.submit(seq)
+        self._wake.set()
         try:
-            await self._lock.acquire()
+            while True:
+                tok = await seq.queue.get()
+                if tok is END:
+                    break
+                yield tok
+            if seq.error is not None:
+                raise seq.error
         finally:
-            self._waiting -= 1
-        self._running += 1
-        try:
-            self._check_file()
-            cache = KVCache(self.config, self.n_ctx_seq)
-            generated, reason = 0, "length"
-            t0 = time.perf_counter()
-            t_prompt = t_dec = 0.0
-            io0 = (0.0, 0)
-            try:
-                logits = await self._run(self.forward, tokens, cache)
-                self._count_pass(0)
-                t_prompt = time.perf_counter() - t0
-                t1 = time.perf_counter()
-                io0 = self._io_counters()
-                while generated < max_tokens:
-                    tok = sampler(logits)
-                    if tok in stop_ids:
-                        reason = "eos"
-                        break
-                    generated += 1
-                    yield tok
-                    if generated == max_tokens:
-                        break
-                    logits = await self._run(self.forward, [tok], cache)
-                    self._count_pass(1)
-                t_dec = time.perf_counter() - t1
-            except (asyncio.CancelledError, GeneratorExit):
-                reason = "cancelled"
-                raise
-            finally:
-                wait, nbytes = ([b - a for a, b in zip(io0, self._io_counters())] if t_dec and self.stream
-                                else (0.0, 0))
-                self.stats = GenerationStats(len(tokens), t_prompt, generated, t_dec, reason, wait, int(nbytes))
-                self._totals["requests"] += 1
-                self._totals["prompt"] += len(tokens)
-                self._totals["generated"] += generated
-        finally:
-            self._running -= 1
-            self._lock.release()
+            if not seq.ended:
+                self._batcher.cancel(seq)  # the consumer left early: the slot frees before the next pass
+                self._wake.set()
+            self.stats = self._seq_stats(seq)
 
-    def _count_pass(self, generated: int) -> None:
+    @staticmethod
+    def _seq_stats(seq: Request) -> GenerationStats:
+        t_admit = seq.t_admit if seq.t_admit is not None else seq.t_submit
+        t_first = seq.t_first if seq.t_first is not None else t_admit
+        t_end = seq.t_end if seq.t_end is not None else time.perf_counter()
+        return GenerationStats(len(seq.prompt), t_first - t_admit if seq.t_first else 0.0, seq.generated,
+                               t_end - t_first if seq.t_first else 0.0, seq.stop_reason or "cancelled",
+                               seq.io_wait_s, seq.bytes_read)
+
+    async def _schedule(self) -> None:
+        """The batching loop (a task of the engine): plan a pass, run it on the compute thread, apply it."""
+        b = self._batcher
+        while True:
+            if b.idle:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            rows = b.plan()
+            if not rows:  # every running request was just cancelled
+                continue
+            wait0, bytes0 = self._io_counters()
+            try:
+                logits = await self._run(self._forward_rows,
+                                         [(r.ids, self._caches[r.seq.slot], r.pos0, r.sample) for r in rows])
+            except FlexioError as e:
+                b.fail(rows, e.with_traceback(None))
+                continue
+            except Exception as e:  # not one of ours: a bug; the requests end with it, the engine goes on
+                log.exception("forward pass failed")
+                b.fail(rows, FlexioError(f"forward pass failed: {type(e).__name__}: {e}"))
+                continue
+            wait1, bytes1 = self._io_counters()
+            before = sum(r.seq.generated for r in rows)
+            b.finish_pass(rows, logits, wait1 - wait0, bytes1 - bytes0)
+            self._count_pass(sum(r.seq.generated for r in rows) - before, len(rows))
+            for r in rows:
+                if r.seq.ended:
+                    self._totals["requests"] += 1
+                    self._totals["prompt"] += len(r.seq.prompt)
+                    self._totals["generated"] += r.seq.generated
+
+    def _count_pass(self, generated: int, batch: int) -> None:
         now = time.monotonic()
         self._totals["passes"] += 1
-        self._totals["batched"] += self._running
+        self._totals["batched"] += batch
         self._recent.append((now, generated))
         while self._recent and self._recent[0][0] < now - RATE_WINDOW_S:
             self._recent.pop(0)
@@ -471,18 +564,17 @@ class Engine:
         now = time.monotonic()
         recent = [(at, n) for at, n in self._recent if at >= now - RATE_WINDOW_S]
         span = now - recent[0][0] if len(recent) > 1 else 0.0
-        plan = self.plan
-        kv = KVCache.bytes_for(self.config, self.n_ctx_seq) * self.parallel if self.config else 0
+        plan, b = self.plan, self._batcher
         return EngineMetrics(
             parallel=self.parallel, n_ctx_seq=self.n_ctx_seq,
-            requests_running=self._running, requests_waiting=self._waiting, requests_total=t["requests"],
-            prompt_tokens_total=t["prompt"], generated_tokens_total=t["generated"], passes_total=t["passes"],
-            batch_size_mean=t["batched"] / t["passes"] if t["passes"] else 0.0,
+            requests_running=len(b.running) if b else 0, requests_waiting=len(b.waiting) if b else 0,
+            requests_total=t["requests"], prompt_tokens_total=t["prompt"], generated_tokens_total=t["generated"],
+            passes_total=t["passes"], batch_size_mean=t["batched"] / t["passes"] if t["passes"] else 0.0,
             decode_tok_s=sum(n for _, n in recent[1:]) / span if span > 0 else 0.0,
             streamed_bytes_per_pass=plan.streamed_bytes_per_token if plan else 0,
             bytes_read_total=self.stream.statistics().bytes_read if self.stream else 0,
             weights_bytes=plan.total_bytes if plan and not self.mode.page_cache else 0,
-            kv_cache_bytes=kv,
+            kv_cache_bytes=sum(c.nbytes for c in self._caches),
         )
 
     async def generate(

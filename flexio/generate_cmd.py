@@ -111,7 +111,7 @@ async def _generate(args: argparse.Namespace) -> dict:
             if status is not None:
                 status.done()
         if args.show_plan:
-            print(e.plan.describe(), file=sys.stderr)
+            print(e.describe(), file=sys.stderr)
         prompt_ids = e.prompt_tokens(args.prompt, chat=args.chat)
         tokens: list[int] = []
         dec = StreamDecoder(e.tokenizer)

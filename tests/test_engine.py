@@ -134,7 +134,7 @@ def test_truncated_file_under_the_engine_is_a_clear_error(smollm2_path, tmp_path
     run(main())
 
 
-def test_two_generations_on_one_engine_do_not_interleave(smollm2_path, reference_tokens):
+def test_two_generations_on_one_engine_do_not_disturb_each_other(smollm2_path, reference_tokens):
     other = [6403, 1980, 253, 655, 28]  # "Once upon a time,"
 
     async def main():
