@@ -39,11 +39,9 @@ import threading
 from dataclasses import dataclass
 
 from .errors import BudgetError, FlexioError
+from .units import DIRECT_ALIGN, PAGE, fmt_bytes, round_up
 
 log = logging.getLogger("flexio.arena")
-
-PAGE = mmap.PAGESIZE  # 4096 on x86-64 and most arm64 kernels
-ALIGN = 4096  # O_DIRECT-safe alignment for any logical block size up to 4 KiB
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
@@ -57,17 +55,6 @@ def _mlock(addr: int, n: int) -> int:
 
 def _munlock(addr: int, n: int) -> int:
     return 0 if _libc.munlock(addr, n) == 0 else ctypes.get_errno()
-
-
-def round_up(n: int, align: int) -> int:
-    return -(-n // align) * align
-
-
-def fmt_bytes(n: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if abs(n) >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
 
 
 # --- cgroup memory limit ---------------------------------------------------------
@@ -101,6 +88,27 @@ def cgroup_memory_limit() -> int | None:
         if limit < (1 << 62):  # v1 reports "unlimited" as ~2**63 rounded to a page
             return limit
     return None
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM this machine has (MemTotal), or None when unknown."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
+def memory_limit() -> tuple[int, str] | None:
+    """The memory this process may use at most and where the figure comes from: the smaller of the
+    machine's RAM and this process's cgroup limit. None when neither is known."""
+    found = []
+    ram = physical_memory()
+    if ram:
+        found.append((ram, "this machine's RAM (MemTotal)"))
+    cg = cgroup_memory_limit()
+    if cg is not None:
+        found.append((cg, "this process's cgroup memory limit"))
+    return min(found) if found else None
 
 
 def locked_bytes() -> int:
@@ -253,7 +261,7 @@ class Arena:
 
     # --- carving ---------------------------------------------------------------
 
-    def alloc(self, nbytes: int, *, align: int = ALIGN, tag: str = "") -> ArenaBuffer:
+    def alloc(self, nbytes: int, *, align: int = DIRECT_ALIGN, tag: str = "") -> ArenaBuffer:
         """Carve `nbytes` starting on an `align` boundary (power of two, ≥ 1).
 
         :raises BudgetError: not enough contiguous free space (the message gives free and largest extent).

@@ -1,8 +1,24 @@
-"""Error hierarchy: every failure flexio reports to a user is one of these, with a message naming the item."""
+"""Error hierarchy: every failure flexio reports to a user is one of these, with a message naming the item.
+
+The CLI prints a FlexioError as one line (`flexio CMD: error: ...`) and exits 1, or 2 for a
+ParameterError (a usage error: a flag or request field outside its allowed range). The HTTP
+server answers a ParameterError with a 400 naming the field.
+"""
 
 
 class FlexioError(Exception):
     """Base of every error flexio raises on purpose; the CLI prints it once and exits non-zero."""
+
+
+class ParameterError(FlexioError, ValueError):
+    """A parameter (CLI flag, API argument, request field) is outside its allowed range or malformed.
+
+    `param` names it (e.g. "--top-p", "max_tokens") when known; the message gives the allowed range and the value.
+    """
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class GGUFError(FlexioError):
@@ -22,7 +38,7 @@ class ModelFetchError(FlexioError):
 
 
 class BudgetError(FlexioError):
-    """The memory budget cannot hold what the plan needs."""
+    """The memory budget cannot hold what the plan needs, or exceeds the memory this machine has."""
 
 
 class IOBackendError(FlexioError):

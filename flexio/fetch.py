@@ -17,6 +17,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 
+from . import cache_root
 from .errors import ModelFetchError
 
 
@@ -40,9 +41,9 @@ DEFAULT_MODEL = "smollm2"
 
 
 def cache_dir() -> str:
-    d = os.environ.get("FLEXIO_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "flexio"
-    )
+    """flexio's user cache ($FLEXIO_CACHE, else $XDG_CACHE_HOME/flexio or ~/.cache/flexio), created if missing:
+    fetched models, the calibration cache and (numba/, see flexio/__init__.py) the compiled kernels."""
+    d = cache_root()
     os.makedirs(d, exist_ok=True)
     return d
 
@@ -58,7 +59,7 @@ def _sha256(path: str) -> str:
 def model_path(name_or_path: str, quiet: bool = False) -> str:
     """A known model name (fetched on first use) or an existing .gguf path -> absolute path."""
     if name_or_path not in MODELS:
-        if os.path.exists(name_or_path):
+        if os.path.exists(name_or_path):  # (open_gguf refuses what is not a regular file)
             return os.path.abspath(name_or_path)
         raise ModelFetchError(
             f"{name_or_path!r} is neither an existing file nor a known model name (known: {', '.join(MODELS)})"

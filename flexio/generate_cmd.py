@@ -7,32 +7,93 @@ import asyncio
 import json
 import resource
 import sys
+import threading
+import time
 
 from .fetch import DEFAULT_MODEL
-from .plan import MODES, POLICIES
+from .modes import MODES, POLICIES
 from .sampling import SamplingParams
+from .units import SIZE_HELP
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=DEFAULT_MODEL, help="a .gguf path or a known model name (default: %(default)s)")
-    p.add_argument("--prompt", "-p", default="The capital of France is", help="prompt text")
-    p.add_argument("-n", "--max-tokens", type=int, default=64, help="maximum new tokens (default: %(default)s)")
-    p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--prompt", "-p", default="The capital of France is", help="prompt text (UTF-8)")
+    p.add_argument("-n", "--max-tokens", type=int, default=64, help="maximum new tokens, >= 0 (default: %(default)s)")
+    p.add_argument("--temperature", "--temp", "-t", type=float, default=0.0, help="0 = greedy (default), else >= 0")
+    p.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens, 0 = off (default: 40)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling, in (0, 1]; 1 = off (default: 0.95)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (sampling is reproducible when set)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-generation tokens "
+                   "(as llama.cpp's --ignore-eos: benchmarks get exactly -n tokens)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
-    p.add_argument("--ctx", type=int, default=None, help="context length (default: min(train ctx, 4096))")
+    p.add_argument("--threads", type=int, default=None,
+                   help="compute threads: 1..the number of cores; 0 or unset = all cores")
+    p.add_argument("-c", "--ctx", type=int, default=None,
+                   help="context length in tokens; 0 = the model's own (default: the model's own, at most 4096)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     p.add_argument("--budget", default=None,
-                   help="memory for weights, e.g. 1.5GiB, 800MB, 25%% (default: the whole model, mode memory)")
-    p.add_argument("--mode", default=None, choices=MODES, help="weight residency mode (default: flexinfer with "
+                   help=f"memory for weights, e.g. 1.5GiB, 800MB, 25%% of the model ({SIZE_HELP}; "
+                        "default: the whole model, mode memory)")
+    p.add_argument("--mode", default=None, choices=list(MODES), help="weight residency mode (default: flexinfer with "
                    "--budget, else memory)")
-    p.add_argument("--window", type=int, default=3, help="layers prefetched ahead of compute (default: %(default)s)")
+    p.add_argument("--window", type=int, default=3, help="layers prefetched ahead of compute, >= 1 (default: %(default)s)")
     p.add_argument("--policy", default="auto", choices=POLICIES, help="which tensors stay resident (default: auto)")
     p.add_argument("--io-backend", default="auto", choices=("auto", "io_uring", "threads"))
     p.add_argument("--show-plan", action="store_true", help="print the memory plan to stderr before generating")
+
+
+class Status:
+    """One status line on stderr while the engine loads: a rich spinner on a terminal, else a plain line
+    for any step still running after a second.
+
+    A step that took longer than a second is reported when it ends, with its time: the first run
+    compiles the kernels (about a minute, then cached on disk) and must not look like a hang.
+    """
+
+    def __init__(self) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=True, highlight=False)
+        self.live = None
+        self.timer: threading.Timer | None = None
+        self.step: str | None = None
+        self.t0 = 0.0
+
+    def __call__(self, what: str) -> None:
+        self._end_step()
+        self.step, self.t0 = what, time.perf_counter()
+        if self.console.is_terminal:
+            if self.live is None:
+                self.live = self.console.status(what)
+                self.live.start()
+            else:
+                self.live.update(what)
+        else:
+            self.timer = threading.Timer(1.0, print, args=(f"flexio: {what} ...",), kwargs={"file": sys.stderr,
+                                                                                             "flush": True})
+            self.timer.daemon = True
+            self.timer.start()
+
+    def _end_step(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        took = time.perf_counter() - self.t0
+        if self.step is not None and took > 1.0:
+            name = self.step.split(" (")[0]
+            if name == "loading kernels":
+                from numba.core.config import CACHE_DIR
+
+                name = f"loaded kernels (cached in {CACHE_DIR or 'the package'}: the next run starts faster)"
+            self.console.print(f"flexio: {name}: {took:.1f} s")
+        self.step = None
+
+    def done(self) -> None:
+        self._end_step()
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
 
 
 async def _generate(args: argparse.Namespace) -> dict:
@@ -40,14 +101,21 @@ async def _generate(args: argparse.Namespace) -> dict:
     from .tokenizer import StreamDecoder
 
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    async with Engine(args.model, threads=args.threads, n_ctx=args.ctx, budget=args.budget, mode=args.mode,
-                      window=args.window, policy=args.policy, io_backend=args.io_backend) as e:
+    status = Status() if not args.json else None
+    e = Engine(args.model, threads=args.threads, n_ctx=args.ctx, budget=args.budget, mode=args.mode,
+               window=args.window, policy=args.policy, io_backend=args.io_backend, progress=status)
+    try:
+        try:
+            await e.open()
+        finally:
+            if status is not None:
+                status.done()
         if args.show_plan:
-            print(e.plan.describe(), file=sys.stderr)
+            print(e.describe(), file=sys.stderr)
         prompt_ids = e.prompt_tokens(args.prompt, chat=args.chat)
         tokens: list[int] = []
         dec = StreamDecoder(e.tokenizer)
-        async for tok in e.generate_tokens(prompt_ids, args.max_tokens, sampling):
+        async for tok in e.generate_tokens(prompt_ids, args.max_tokens, sampling, ignore_eos=args.ignore_eos):
             tokens.append(tok)
             if not args.json:
                 sys.stdout.write(dec.push(tok))
@@ -65,21 +133,22 @@ async def _generate(args: argparse.Namespace) -> dict:
             "prompt_tok_s": round(st.prompt_tok_s, 2),
             "decode_tok_s": round(st.decode_tok_s, 2),
             "threads": e.threads,
-            "mode": e.mode,
+            "n_ctx": e.n_ctx,
+            "mode": e.mode.name,
             "policy": e.plan.policy,
             "budget_bytes": e.plan.budget if e.budget is not None else None,
             "streamed_bytes_per_token": e.plan.streamed_bytes_per_token,
             "io_backend": e.reader.backend if e.reader else None,
             "decode_io_wait_s": round(st.decode_io_wait_seconds, 3),
-            "decode_steal_s": round(st.decode_cpu_steal_seconds, 3),
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "decode_stream_gbps": round(st.decode_bytes_read / st.decode_seconds / 1e9, 3) if st.decode_seconds else None,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "load_seconds": e.load_seconds,
         }
+    finally:
+        await e.close()
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.max_tokens < 0:
-        raise SystemExit("flexio generate: error: -n must be >= 0")
     try:
         import uvloop
 

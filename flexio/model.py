@@ -16,12 +16,15 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGMLQuantizationType
 
+# flexio_kernels is the top-level kernels/ folder (Numba kernels only: one layout table, one kernel per
+# quant format, a portable twin beside each SIMD one), installed under that import name (pyproject.toml).
 from flexio_kernels import dequantize_rows, matmul
 from flexio_kernels import ops
 
 from .gguf import ModelConfig, TensorInfo
 
 F32, F16 = int(GGMLQuantizationType.F32), int(GGMLQuantizationType.F16)
+KEEP_SCRATCH_ROWS = 64  # scratch buffers of batches up to this many rows are kept between passes
 
 
 @dataclass
@@ -107,14 +110,22 @@ def warmup_kernels(ggml_types: set[int], cfg: ModelConfig) -> None:
 
 
 class KVCache:
-    """Per-layer float16 keys and values, (n_ctx, kv) each, grown on demand."""
+    """Per-layer float16 keys and values, (n_ctx, kv) each.
 
-    def __init__(self, cfg: ModelConfig, n_ctx: int):
+    preallocate=True commits the whole cache at once (a sequence slot of the engine: its memory is
+    counted and taken when the engine opens); otherwise it grows on demand (tests, one-off passes).
+    """
+
+    def __init__(self, cfg: ModelConfig, n_ctx: int, preallocate: bool = False):
         self.cfg, self.n_ctx = cfg, n_ctx
         self.capacity = 0
-        self.k: list[np.ndarray] = []
+        self.k: list[np.ndarray] = []  # n_layer x (capacity, kv) float16
         self.v: list[np.ndarray] = []
         self.pos = 0  # tokens already in the cache
+        if preallocate:
+            self.reserve(n_ctx)
+            for a in self.k + self.v:
+                a.fill(0)  # touch every page now, not in the middle of a generation
 
     def reserve(self, n: int) -> None:
         if n > self.n_ctx:
@@ -136,6 +147,21 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
+
+    @staticmethod
+    def bytes_for(cfg: ModelConfig, n_ctx: int) -> int:
+        """Bytes of a full cache of n_ctx tokens: keys and values, float16, every layer."""
+        return 2 * cfg.n_layer * n_ctx * cfg.kv_dim * 2
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One sequence's rows of a batch: x[row0 : row0 + n] are its tokens at positions pos0.. of `cache`."""
+
+    row0: int
+    n: int
+    cache: KVCache
+    pos0: int
 
 
 class Scratch:
@@ -175,8 +201,8 @@ class Model:
     def scratch(self, n: int) -> Scratch:
         s = self._scratch.get(n)
         if s is None:
-            if n != 1:  # keep only the decode buffers and the latest prefill size
-                self._scratch = {k: v for k, v in self._scratch.items() if k == 1}
+            if n > KEEP_SCRATCH_ROWS:  # keep the (small) buffers of every decode batch size and the latest prefill
+                self._scratch = {k: v for k, v in self._scratch.items() if k <= KEEP_SCRATCH_ROWS}
             s = self._scratch[n] = Scratch(self.cfg, n, self.n_ctx)
         return s
 
@@ -194,8 +220,11 @@ class Model:
                 x[sel] = out
         return x
 
-    def layer(self, i: int, w: LayerWeights, x: np.ndarray, cache: KVCache, pos0: int) -> None:
-        """Run block i on x (n, d) in place; tokens at positions pos0..pos0+n-1; writes their K/V."""
+    def layer(self, i: int, w: LayerWeights, x: np.ndarray, segments: list[Segment]) -> None:
+        """Run block i on x (n, d) in place: the rows of several sequences (`segments`), each at its own
+        positions in its own KV cache. Matmuls take every row at once (the weights are read once);
+        RoPE, the cache writes and attention go sequence by sequence. Every row's arithmetic is the
+        same as if its sequence ran alone."""
         c = self.cfg
         n = x.shape[0]
         s = self.scratch(n)
@@ -207,15 +236,19 @@ class Model:
             ops.add_bias(s.q, w.bq)
             ops.add_bias(s.k, w.bk)
             ops.add_bias(s.v, w.bv)
-        ops.rope(s.q, c.n_head, c.head_dim, pos0, self.cos, self.sin, c.rope_neox)
-        ops.rope(s.k, c.n_head_kv, c.head_dim, pos0, self.cos, self.sin, c.rope_neox)
-        kc, vc = cache.k[i], cache.v[i]
-        np.copyto(kc[pos0 : pos0 + n], s.k)  # rounds to f16
-        np.copyto(vc[pos0 : pos0 + n], s.v)
-        # work ~ tokens x heads x context: below ~64k head-positions one thread beats a parallel launch
-        attend = ops.attention if n * c.n_head * (pos0 + n) > 65536 else ops.attention_serial
-        attend(s.q, kc.view(np.uint16), vc.view(np.uint16), pos0, c.n_head, c.n_head_kv, c.head_dim,
-               ops.F16_TO_F32, s.scores_for(pos0 + n), s.att)
+        for seg in segments:
+            r0, m, pos0 = seg.row0, seg.n, seg.pos0
+            q, k = s.q[r0 : r0 + m], s.k[r0 : r0 + m]
+            ops.rope(q, c.n_head, c.head_dim, pos0, self.cos, self.sin, c.rope_neox)
+            ops.rope(k, c.n_head_kv, c.head_dim, pos0, self.cos, self.sin, c.rope_neox)
+            kc, vc = seg.cache.k[i], seg.cache.v[i]
+            np.copyto(kc[pos0 : pos0 + m], k)  # rounds to f16
+            np.copyto(vc[pos0 : pos0 + m], s.v[r0 : r0 + m])
+            # work ~ tokens x heads x context: below ~64k head-positions one thread beats a parallel launch
+            attend = ops.attention if m * c.n_head * (pos0 + m) > 65536 else ops.attention_serial
+            scores = s.scores_for(pos0 + m)[: m * c.n_head]
+            attend(q, kc.view(np.uint16), vc.view(np.uint16), pos0, c.n_head, c.n_head_kv, c.head_dim,
+                   ops.F16_TO_F32, scores, s.att[r0 : r0 + m])
         w.wo.matmul(s.att, s.o)
         ops.add_inplace(x, s.o)
         ops.rmsnorm(x, w.ffn_norm, c.norm_eps, s.h)
@@ -226,7 +259,7 @@ class Model:
         ops.add_inplace(x, s.o)
 
     def final_norm(self, norm: np.ndarray, x_last: np.ndarray) -> np.ndarray:
-        """x_last (1, d) -> the normalised hidden state (1, d) the output head multiplies."""
+        """x_last (k, d) -> the normalised hidden states (k, d) the output head multiplies."""
         h = np.empty_like(x_last)
         ops.rmsnorm(x_last, norm, self.cfg.norm_eps, h)
         return h

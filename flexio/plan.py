@@ -32,63 +32,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from .errors import BudgetError, IOBackendError
+from .errors import BudgetError, ParameterError
 from .gguf import GGUFFile, TensorInfo
-
-DIRECT_ALIGN = 4096  # O_DIRECT: file offset, length and buffer address multiples of the logical block size
-RESIDENT_ALIGN = 64  # resident tensor parts start on a cache line in the arena
-
-MODES = ("memory", "flexinfer", "no-preserve", "no-balance", "prefetch-only", "no-prefetch", "sync", "mmap")
-POLICIES = ("auto", "ffn", "attn", "mixed")
+from .modes import MODES, POLICIES, Mode, mode as get_mode
+from .units import RESIDENT_ALIGN, aligned_span, fmt_bytes, parse_size
 
 FFN_ROLES = ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
 ATTN_ROLES = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight")
 ORDER = {"ffn": FFN_ROLES + ATTN_ROLES, "attn": ATTN_ROLES + FFN_ROLES}
-
-
-def aligned_span(offset: int, length: int, align: int = DIRECT_ALIGN) -> tuple[int, int]:
-    """(offset, length) -> (start, nbytes) of the smallest `align`-aligned range that covers it.
-
-    Size an O_DIRECT buffer with nbytes; the data starts at offset - start inside it.
-    """
-    if offset < 0 or length < 0:
-        raise IOBackendError(f"invalid range: offset {offset}, length {length} (both must be >= 0)")
-    if length == 0:
-        return offset - offset % align, 0
-    start = offset - offset % align
-    end = -(-(offset + length) // align) * align
-    return start, end - start
-
-
-def parse_size(text: str | int, total: int | None = None) -> int:
-    """'1.5GiB', '800MB', '512M', '25%' (of total), or an int -> bytes."""
-    if isinstance(text, int):
-        return text
-    s = text.strip().replace(" ", "")
-    if s.endswith("%"):
-        if total is None:
-            raise BudgetError(f"a percentage budget ({text!r}) needs the model size")
-        return int(total * float(s[:-1]) / 100)
-    units = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1024**2,
-             "g": 1e9, "gb": 1e9, "gib": 1024**3, "t": 1e12, "tb": 1e12, "tib": 1024**4}
-    i = len(s)
-    while i and not (s[i - 1].isdigit() or s[i - 1] == "."):
-        i -= 1
-    num, unit = s[:i], s[i:].lower()
-    if not num or unit not in units:
-        raise BudgetError(f"cannot parse size {text!r} (examples: 1.5GiB, 800MB, 25%)")
-    try:
-        return int(float(num) * units[unit])
-    except ValueError:
-        raise BudgetError(f"cannot parse size {text!r} (examples: 1.5GiB, 800MB, 25%)") from None
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
 
 
 @dataclass(frozen=True)
@@ -117,8 +68,15 @@ class TensorPlan:
 @dataclass(frozen=True)
 class StagePlan:
     index: int
-    name: str  # "layer 7" or "head"
+    kind: str  # "layer" (one block's matrices) or "head" (a row chunk of the output head)
+    number: int  # the layer index, or the head chunk's index
     tensors: tuple[TensorPlan, ...]
+    chunks: int = 1  # head: how many chunks the head is cut into
+
+    @property
+    def name(self) -> str:
+        """For people: "layer 7", "head", "head 2"."""
+        return f"{self.kind} {self.number}" if self.kind == "layer" or self.chunks > 1 else self.kind
 
     @property
     def nbytes(self) -> int:
@@ -144,7 +102,7 @@ class StagePlan:
 
 @dataclass(frozen=True)
 class Plan:
-    mode: str
+    mode: Mode
     policy: str  # the policy used (auto resolved)
     budget: int
     window: int
@@ -179,7 +137,8 @@ class Plan:
 
     @property
     def streams(self) -> bool:
-        return self.mode not in ("memory", "mmap")
+        """Whether the engine reads weights while generating (window slots, the reader, the pump)."""
+        return self.mode.reads
 
     @property
     def total_bytes(self) -> int:
@@ -196,7 +155,7 @@ class Plan:
 
     def describe(self) -> str:
         lines = [
-            f"plan: mode={self.mode} policy={self.policy} window={self.window} budget={fmt_bytes(self.budget)} "
+            f"plan: mode={self.mode.name} policy={self.policy} window={self.window} budget={fmt_bytes(self.budget)} "
             f"(uses {fmt_bytes(self.total_bytes)} = {100 * self.budget_use:.1f}%)",
             f"  model {fmt_bytes(self.model_bytes)}; resident {fmt_bytes(self.resident_bytes)} + vectors "
             f"{fmt_bytes(self.vector_bytes)} + window {self.window} x {fmt_bytes(self.slot_bytes)}",
@@ -251,26 +210,39 @@ class CostModel:
         return max(t_io, t_cpu) + stall * (1.0 if t_io > t_cpu else 0.0)
 
 
-def stage_tensors(gf: GGUFFile) -> list[tuple[str, list[tuple[int, TensorInfo]]]]:
+@dataclass(frozen=True)
+class StageTensors:
+    """One stage before planning: its kind, number and matrices [(first row within the tensor, tensor or chunk)]."""
+
+    kind: str
+    number: int
+    items: list[tuple[int, TensorInfo]]
+    chunks: int = 1
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for _, t in self.items)
+
+
+def stage_tensors(gf: GGUFFile) -> list[StageTensors]:
     """The streaming order: each layer's matrices (file order), then the output head.
 
     The head is cut into row chunks no larger than the largest layer, so that a
     large vocabulary (SmolLM2's tied 30 MB head vs 2.2 MB layers) does not set the
-    window's slot size. Items are (first row within the tensor, tensor or chunk).
+    window's slot size.
     """
     c = gf.config
-    stages = []
-    for i in range(c.n_layer):
-        stages.append((f"layer {i}", [(0, t) for t in gf.layer_tensors(i) if len(t.shape) > 1]))
+    stages = [StageTensors("layer", i, [(0, t) for t in gf.layer_tensors(i) if len(t.shape) > 1])
+              for i in range(c.n_layer)]
     head = gf.by_name["token_embd.weight"] if c.tied_output else gf.by_name["output.weight"]
-    limit = max((sum(t.nbytes for _, t in ts) for _, ts in stages), default=head.nbytes)
+    limit = max((s.nbytes for s in stages), default=head.nbytes)
     n_chunks = max(1, -(-head.nbytes // limit))
     step = -(-head.n_rows // n_chunks)
     for k, r0 in enumerate(range(0, head.n_rows, step)):
         rows = min(step, head.n_rows - r0)
         chunk = replace(head, shape=(head.row_len, rows), offset=head.offset + r0 * head.row_bytes,
                         nbytes=rows * head.row_bytes)
-        stages.append((f"head {k}" if n_chunks > 1 else "head", [(r0, chunk)]))
+        stages.append(StageTensors("head", k, [(r0, chunk)], chunks=n_chunks))
     return stages
 
 
@@ -304,11 +276,12 @@ def _keep(tensors: list[TensorInfo], resident: int, policy: str) -> list[int]:
     return rows
 
 
-def _build(gf, stages_t, mode, policy, budget, window, shares: list[int]) -> Plan:
+def _build(gf, stages_t: list[StageTensors], mode: Mode, policy, budget, window, shares: list[int]) -> Plan:
     stages = []
-    for k, ((name, items), share) in enumerate(zip(stages_t, shares)):
-        rows = _keep([t for _, t in items], share, policy)
-        stages.append(StagePlan(k, name, tuple(TensorPlan(t, k, r, r0) for (r0, t), r in zip(items, rows))))
+    for k, (st, share) in enumerate(zip(stages_t, shares)):
+        rows = _keep([t for _, t in st.items], share, policy)
+        tensors = tuple(TensorPlan(t, k, r, r0) for (r0, t), r in zip(st.items, rows))
+        stages.append(StagePlan(k, st.kind, st.number, tensors, st.chunks))
     emb = gf.by_name["token_embd.weight"]
     return Plan(mode, policy, budget, window, tuple(stages), _vectors(gf), emb,
                 embedding_resident=False, model_bytes=sum(t.nbytes for t in gf.tensors))
@@ -323,7 +296,7 @@ def _fit(gf, stages_t, mode, policy, budget, window, balanced: bool) -> Plan:
     by bisection. Unbalanced (whole stages, the first ones first): bisect on the
     resident total; the slot is then the largest stage whatever is kept.
     """
-    sizes = [sum(t.nbytes for _, t in ts) for _, ts in stages_t]
+    sizes = [st.nbytes for st in stages_t]
 
     def build(shares):
         return _build(gf, stages_t, mode, policy, budget, window, shares)
@@ -363,58 +336,59 @@ def _fit(gf, stages_t, mode, policy, budget, window, balanced: bool) -> Plan:
 
 def minimum_budget(gf: GGUFFile, window: int = 3) -> int:
     stages_t = stage_tensors(gf)
-    p = _build(gf, stages_t, "prefetch-only", "ffn", 0, window, [0] * len(stages_t))
-    return p.total_bytes
+    return _build(gf, stages_t, MODES["prefetch-only"], "ffn", 0, window, [0] * len(stages_t)).total_bytes
 
 
-def _whole(gf: GGUFFile, stages_t, mode: str, budget: int, window: int) -> Plan:
+def _whole(gf: GGUFFile, stages_t: list[StageTensors], mode: Mode, budget: int, window: int) -> Plan:
     """The plan that keeps every tensor resident, the embedding too."""
-    p = _build(gf, stages_t, mode, "ffn", budget, window, [sum(t.nbytes for _, t in ts) for _, ts in stages_t])
+    p = _build(gf, stages_t, mode, "ffn", budget, window, [st.nbytes for st in stages_t])
     return replace(p, embedding_resident=True)
 
 
-def model_footprint(gf: GGUFFile, stages_t=None) -> int:
+def model_footprint(gf: GGUFFile, stages_t: list[StageTensors] | None = None) -> int:
     """Bytes of weight memory the whole model takes resident (its tensors, each padded as the
     arena pads it): what a percentage budget is a percentage of, so that "100%" holds it all."""
-    return _whole(gf, stages_t if stages_t is not None else stage_tensors(gf), "memory", 0, 1).total_bytes
+    return _whole(gf, stages_t if stages_t is not None else stage_tensors(gf), MODES["memory"], 0, 1).total_bytes
 
 
 def plan_budget(gf: GGUFFile, budget: int | str, *, window: int = 3, policy: str = "auto",
-                mode: str = "flexinfer", cost: CostModel | None = None) -> Plan:
-    """Plan what stays resident for `budget` bytes of weight memory (see module docstring)."""
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
+                mode: str | Mode = "flexinfer", cost: CostModel | None = None) -> Plan:
+    """Plan what stays resident for `budget` bytes of weight memory (see module docstring).
+
+    The mode's properties decide the shape of the plan (modes.py); `window` and `policy`
+    are the caller's, used where the mode does not fix them.
+    """
+    m = get_mode(mode)
     if policy not in POLICIES:
-        raise ValueError(f"unknown policy {policy!r} (one of {', '.join(POLICIES)})")
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
+        raise ParameterError(f"unknown policy {policy!r} (one of: {', '.join(POLICIES)})", param="policy")
+    if not isinstance(window, int) or window < 1:
+        raise ParameterError(f"window: expected an integer >= 1 (stages read ahead of compute), got {window!r}",
+                             param="window")
     stages_t = stage_tensors(gf)
     footprint = model_footprint(gf, stages_t)
-    budget = parse_size(budget, footprint)
-    whole = mode in ("memory", "mmap") or (budget >= footprint and mode not in ("sync", "prefetch-only"))
-    if whole:  # (a budget that holds the whole model keeps it all: nothing is left to stream)
-        p = _whole(gf, stages_t, mode, budget, window)
-        if mode == "memory" and p.total_bytes > budget:
-            raise BudgetError(f"mode 'memory' keeps the whole model resident: needs {p.total_bytes:,} bytes "
+    budget = parse_size(budget, footprint, what="budget")
+    if m.resident == "all" or (budget >= footprint and m.locks_beyond_window):
+        # (a budget that holds the whole model keeps it all: nothing is left to stream)
+        p = _whole(gf, stages_t, m, budget, window)
+        if m.resident == "all" and not m.page_cache and p.total_bytes > budget:
+            raise BudgetError(f"mode {m.name!r} keeps the whole model resident: needs {p.total_bytes:,} bytes "
                               f"({fmt_bytes(p.total_bytes)}), budget is {budget:,} ({fmt_bytes(budget)})")
         return p
-    if mode in ("sync", "no-prefetch"):
-        window = 1
-    minimum = _build(gf, stages_t, mode, "ffn", budget, window, [0] * len(stages_t)).total_bytes
+    window = m.window or window
+    minimum = _build(gf, stages_t, m, "ffn", budget, window, [0] * len(stages_t)).total_bytes
     if budget < minimum:
         raise BudgetError(
             f"budget {budget:,} bytes ({fmt_bytes(budget)}) is below the minimum {minimum:,} bytes "
-            f"({fmt_bytes(minimum)}) for mode {mode!r}: {window} x the largest stage streamed whole + norms"
+            f"({fmt_bytes(minimum)}) for mode {m.name!r}: {window} x the largest stage streamed whole + norms"
         )
-    if mode in ("sync", "prefetch-only"):  # baselines that lock nothing beyond the window
-        return _build(gf, stages_t, mode, "ffn", budget, window, [0] * len(stages_t))
-    balanced = mode != "no-balance"
-    if mode == "no-preserve" or (mode == "no-balance" and policy == "auto"):
-        policy = "mixed" if mode == "no-preserve" else "ffn"
+    if m.resident == "none":  # baselines that lock nothing beyond the window
+        return _build(gf, stages_t, m, m.policy or "ffn", budget, window, [0] * len(stages_t))
+    balanced = m.resident == "balanced"
+    policy = m.policy or policy
     if policy != "auto":
-        return _fit(gf, stages_t, mode, policy, budget, window, balanced)
+        return _fit(gf, stages_t, m, policy, budget, window, balanced)
     cost = cost or CostModel()
-    cands = {pol: _fit(gf, stages_t, mode, pol, budget, window, balanced) for pol in ("ffn", "attn", "mixed")}
-    predicted = {pol: cost.predict(p, overlap=mode != "no-prefetch") for pol, p in cands.items()}
+    cands = {pol: _fit(gf, stages_t, m, pol, budget, window, balanced) for pol in ("ffn", "attn", "mixed")}
+    predicted = {pol: cost.predict(p, overlap=m.overlaps) for pol, p in cands.items()}
     best = min(predicted, key=lambda k: (round(predicted[k], 9), ("ffn", "attn", "mixed").index(k)))
     return replace(cands[best], predicted=predicted, cost=cost)

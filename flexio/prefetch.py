@@ -6,7 +6,8 @@ How the two sides meet
   the compute thread will need, across tokens. Two counters order everything:
     loaded    stages whose bytes are in a slot (advanced by the I/O pump),
     consumed  stages whose compute has finished (advanced by the compute thread).
-  The pump (an asyncio task on the event loop) issues stage `seq` into slot
+  The compute thread takes stages in order with `acquire()` / `release()` (the stream
+  keeps the cursor); the pump (an asyncio task on the event loop) issues stage `seq` into slot
   `seq % window` once that slot's previous occupant (stage seq - window) is
   consumed, every free slot at once; the compute thread blocks on a threading.Condition until
   `loaded > seq`. Nobody sleeps or polls. With window 1 (the `sync` modes) a
@@ -38,7 +39,8 @@ import numpy as np
 from .arena import Arena, ArenaBuffer
 from .errors import FlexioError
 from .gguf import GGUFFile, TensorInfo
-from .plan import Plan, StagePlan, aligned_span
+from .plan import Plan, StagePlan
+from .units import aligned_span
 
 
 class StreamAborted(FlexioError):
@@ -104,7 +106,7 @@ class StageStream:
         p, gf = self.plan, self.gf
         self._resident: dict[tuple[str, int], np.ndarray] = {}  # (name, row0) -> uint8 (rows, row_bytes)
         self._vectors: dict[str, np.ndarray] = {}
-        if p.mode == "mmap":  # llama.cpp's way: views of a shared read-only mapping, the page cache does the rest
+        if p.mode.page_cache:  # llama.cpp's way: views of a shared read-only mapping, the page cache does the rest
             m = np.memmap(gf.path, np.uint8, "r")
             for t in p.vectors:
                 self._vectors[t.name] = m[t.offset : t.offset + t.nbytes]
@@ -198,25 +200,28 @@ class StageStream:
 
     # --- compute side (compute thread) --------------------------------------------------
 
-    def acquire(self, seq: int) -> tuple[int, int]:
-        """Block until stage `seq` is loaded; returns (stage, slot) for `stage_parts`."""
-        if not self.slots:  # nothing streams: every stage is always there
-            return seq % self.n_stages, 0
-        with self._cond:
-            if self.loaded <= seq:
-                t0 = time.perf_counter()
-                self._cond.wait_for(lambda: self.loaded > seq or self._error is not None or self._aborted)
-                self.wait_s += time.perf_counter() - t0
-            if self._error is not None:
-                raise self._error
-            if self._aborted:
-                raise StreamAborted("weight stream aborted")
+    def acquire(self) -> tuple[int, int]:
+        """Block until the next stage the compute thread needs is loaded; returns (stage, slot) for
+        `stage_parts`. Stages come in pass order, pass after pass (the stream's cursor, `consumed`)."""
+        seq = self.consumed
+        if self.slots:  # (nothing streams: every stage is always there)
+            with self._cond:
+                if self.loaded <= seq:
+                    t0 = time.perf_counter()
+                    self._cond.wait_for(lambda: self.loaded > seq or self._error is not None or self._aborted)
+                    self.wait_s += time.perf_counter() - t0
+                if self._error is not None:
+                    raise self._error
+                if self._aborted:
+                    raise StreamAborted("weight stream aborted")
         return seq % self.n_stages, (seq % self.window if self.slots else 0)
 
-    def release(self, seq: int) -> None:
-        """Compute on stage `seq` is done: its slot may be refilled."""
+    def release(self) -> None:
+        """Compute on the stage `acquire` returned is done: its slot may be refilled."""
         with self._cond:
-            self.consumed = seq + 1
+            self.consumed += 1
+            if self.consumed % self.n_stages == 0:
+                self.passes += 1
         if self._loop is not None and self._progress is not None:
             self._loop.call_soon_threadsafe(self._progress.set)
 
@@ -261,11 +266,14 @@ class StageStream:
                         self._cond.notify_all()
                 await progress.wait()  # cleared before the checks above: nothing since is missed
         finally:  # cancelled (or failed): the kernel must be done with every slot before we leave
-            tasks = [t for _, t in inflight if t is not None and not t.done()]
+            tasks = [t for _, t in inflight if t is not None]
             for t in tasks:
                 t.cancel()
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
+            for t in tasks:  # a failed read's traceback holds its slot's views: drop it (the error is handed on)
+                if not t.cancelled() and t.exception() is not None:
+                    t.exception().with_traceback(None)
 
     def _read_stage(self, seq: int) -> asyncio.Task | None:
         """Start reading stage `seq` into its slot; None when the stage streams nothing."""

@@ -51,16 +51,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from .arena import ALIGN, Arena, ArenaBuffer, round_up
+from .arena import Arena, ArenaBuffer
 from .errors import IOBackendError
-from .plan import aligned_span
+from .units import DIRECT_ALIGN, aligned_span, round_up
 from .uring import Ring, io_uring_disabled
 
 log = logging.getLogger("flexio.reader")
 
-DIRECT_ALIGN = ALIGN  # O_DIRECT alignment for offset, length and address (4096 covers 512 and 4K devices)
-# Chosen from measurement (bench-io sweep, /work/shared/notes/io.md): throughput is set by the bytes
-# in flight; QD 32 x 4 MiB = 128 MiB reached the fio ceiling, smaller windows stayed ~35 % lower.
+# Chosen from measurement (`python -m flexio bench-io FILE --qd 8,16,32,64 --chunk 1M,4M`, cold reads
+# of a 2 GiB file on a virtio disk): throughput is set by the bytes in flight; QD 32 x 4 MiB = 128 MiB
+# reached fio's ceiling, smaller windows stayed ~35 % lower.
 DEFAULT_QUEUE_DEPTH = 32
 DEFAULT_CHUNK_SIZE = 4 << 20
 DEFAULT_THREADS = 4

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import NumericalError
+from .errors import NumericalError, ParameterError
 
 
 @dataclass(frozen=True)
@@ -25,12 +25,15 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < float("inf")):
+            raise ParameterError(f"temperature: expected a number >= 0 (0 = greedy), got {self.temperature!r}",
+                                 param="temperature")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ParameterError(f"top_k: expected an integer >= 0 (0 = off), got {self.top_k!r}", param="top_k")
+        if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
+            raise ParameterError(f"top_p: expected a number in (0, 1] (1 = off), got {self.top_p!r}", param="top_p")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise ParameterError(f"seed: expected an integer >= 0, got {self.seed!r}", param="seed")
 
 
 class Sampler:

@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flexio import arena as arena_mod
-from flexio.arena import ALIGN, Arena
+from flexio.arena import Arena
+from flexio.units import DIRECT_ALIGN as ALIGN
 from flexio.errors import BudgetError, FlexioError
 
 MiB = 1 << 20

@@ -8,8 +8,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from flexio import bench_io
 from flexio.gguf import open_gguf
+from flexio_bench import cgroup, disk as bench_io
 
 
 @pytest.fixture(scope="module")
@@ -93,10 +93,10 @@ def test_table_output(tiny_gguf, capsys):
 
 @pytest.mark.root
 def test_cgroup_and_fio(tiny_gguf, capsys):
-    why = bench_io.cgroup_unavailable()
+    why = cgroup.cgroup_unavailable()
     if why:
         pytest.skip(f"cgroup measurement unavailable: {why}")
-    before = set(os.listdir(bench_io.CGROUP_V1_MEMORY))
+    before = set(os.listdir(cgroup.CGROUP_V1_MEMORY))
     assert bench_io.run(_args(tiny_gguf, only="uring,cgroup,fio")) == 0
     rep = json.loads(capsys.readouterr().out)
     assert "uring_vs_mmap_cgroup" in rep["ratios"], rep
@@ -104,22 +104,22 @@ def test_cgroup_and_fio(tiny_gguf, capsys):
     assert cg["passes"] == 3 and "gbps_later_passes" in cg and rep["checks"]["page_checksums_agree"]
     if bench_io.shutil.which("fio"):
         assert "uring_vs_fio" in rep["ratios"], rep
-    assert set(os.listdir(bench_io.CGROUP_V1_MEMORY)) == before, "the bench cgroup must be removed"
+    assert set(os.listdir(cgroup.CGROUP_V1_MEMORY)) == before, "the bench cgroup must be removed"
 
 
 @pytest.mark.root
 def test_cgroups_left_by_dead_runs_are_removed():
-    why = bench_io.cgroup_unavailable()
+    why = cgroup.cgroup_unavailable()
     if why:
         pytest.skip(f"cgroup measurement unavailable: {why}")
     dead = subprocess.Popen(["true"])
     dead.wait()  # a pid that no longer exists
-    stale = os.path.join(bench_io.CGROUP_V1_MEMORY, f"flexio-sweep-{dead.pid}-1")
+    stale = os.path.join(cgroup.CGROUP_V1_MEMORY, f"flexio-sweep-{dead.pid}-1")
     os.mkdir(stale)
-    mine = os.path.join(bench_io.CGROUP_V1_MEMORY, f"flexio-sweep-{os.getpid()}-1")  # a live run's
+    mine = os.path.join(cgroup.CGROUP_V1_MEMORY, f"flexio-sweep-{os.getpid()}-1")  # a live run's
     os.mkdir(mine)
     try:
-        with bench_io.MemCgroup(f"flexio-test-{os.getpid()}", 64 << 20) as cg:
+        with cgroup.MemCgroup(f"flexio-test-{os.getpid()}", 64 << 20) as cg:
             assert os.path.isdir(cg.path) and not os.path.exists(stale) and os.path.isdir(mine)
         assert not os.path.exists(cg.path)
     finally:
@@ -130,7 +130,7 @@ def test_cgroups_left_by_dead_runs_are_removed():
 
 # --- page-touch really reads every page; passes; fio command; ratio bases -------------------------
 
-PAGE = bench_io.PAGE
+PAGE = 4096  # what the page-touch methods step by (flexio.units.PAGE on x86-64)
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +173,7 @@ def test_touch_reads_every_page(paged_file):
 @pytest.mark.root
 def test_cgroup_child_touches_every_page_inside_the_limit(tmp_path):
     """The child joins the cgroup before mapping, touches every page each pass, and its page cache is charged there."""
-    why = bench_io.cgroup_unavailable()
+    why = cgroup.cgroup_unavailable()
     if why:
         pytest.skip(f"cgroup measurement unavailable: {why}")
     limit = bench_io.CGROUP_MIN_LIMIT
@@ -189,9 +189,9 @@ def test_cgroup_child_touches_every_page_inside_the_limit(tmp_path):
         os.close(fd)
     extents = [(0, data.size)]
     ref = int(data[::PAGE].sum())
-    before = set(os.listdir(bench_io.CGROUP_V1_MEMORY))
+    before = set(os.listdir(cgroup.CGROUP_V1_MEMORY))
     r = bench_io.m_mmap_cgroup(path, extents, None, limit=limit, passes=2, nbytes=data.size)
-    assert set(os.listdir(bench_io.CGROUP_V1_MEMORY)) == before, "the bench cgroup must be removed"
+    assert set(os.listdir(cgroup.CGROUP_V1_MEMORY)) == before, "the bench cgroup must be removed"
     assert r.info["cgroup"] == f"/{bench_io.CGROUP_PREFIX}{os.getpid()}"
     assert r.info["checksums"] == [ref, ref] and r.info["pages"] == [data.size // PAGE] * 2
     assert r.info["max_usage"] <= limit and r.info["failcnt"] > 0  # the file (3x the limit) was reclaimed while read

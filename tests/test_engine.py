@@ -49,7 +49,7 @@ def test_every_mode_gives_the_same_greedy_tokens(smollm2_path, reference_tokens,
                 assert e.stream.statistics().bytes_read > 0  # it really streamed
             # the kernels hand out rows dynamically in the compute thread (numba keeps this per thread)
             assert await e._run(numba.get_parallel_chunksize) == PARALLEL_CHUNK
-            assert e.stats.decode_cpu_steal_seconds >= 0
+            assert e.stats.decode_tokens == N and e.stats.decode_seconds > 0
             return toks
 
     assert run(main()) == reference_tokens
@@ -134,7 +134,7 @@ def test_truncated_file_under_the_engine_is_a_clear_error(smollm2_path, tmp_path
     run(main())
 
 
-def test_two_generations_on_one_engine_do_not_interleave(smollm2_path, reference_tokens):
+def test_two_generations_on_one_engine_do_not_disturb_each_other(smollm2_path, reference_tokens):
     other = [6403, 1980, 253, 655, 28]  # "Once upon a time,"
 
     async def main():

@@ -182,8 +182,8 @@ def layout(d: bytes) -> Layout:
 
 
 def synthesize_tiny(preset: str, out: str, tokenizer_from: str) -> str:
-    """The one place this module uses flexio.synth (which is moving to another package)."""
-    from flexio.synth import synthesize
+    """The one place this module uses the synthesis tool (flexio_bench: the runtime never imports it)."""
+    from flexio_bench.synth import synthesize
 
     return synthesize(preset, "q4_0", out, tokenizer_from=tokenizer_from, n_layer=2)
 

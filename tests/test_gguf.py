@@ -8,7 +8,7 @@ from gguf import GGMLQuantizationType, GGUFWriter
 
 from flexio.errors import GGUFError, UnsupportedError
 from flexio.gguf import SUPPORTED_TYPES, open_gguf
-from flexio.synth import synthesize
+from flexio_bench.synth import synthesize
 
 
 @pytest.fixture(scope="module")

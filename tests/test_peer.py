@@ -14,7 +14,7 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not ins
 
 from flexio.engine import Engine  # noqa: E402
 from flexio.model import KVCache  # noqa: E402
-from flexio.synth import synthesize  # noqa: E402
+from flexio_bench.synth import synthesize  # noqa: E402
 
 pytestmark = pytest.mark.peer
 

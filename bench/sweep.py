@@ -1,6 +1,6 @@
 """`python -m flexio bench-sweep MODEL` -> JSON lines + PNG: decode tok/s vs memory budget, per mode, with the bound.
 
-Each point (mode, budget) runs `flexio generate --json` in a fresh child process,
+Each point (mode, budget) runs `python -m flexio_bench.point` in a fresh child process,
 cold: the page cache is dropped first when we are root, and the child is placed in a
 cgroup v1 memory cgroup whose limit is the budget plus a stated fixed overhead
 (Python, Numba, tokenizer, KV cache, scratch) when cgroups are writable — the
@@ -43,12 +43,20 @@ import sys
 import tempfile
 import time
 
-from .bench_io import MemCgroup, cgroup_unavailable, drop_caches, pieces
-from .fetch import model_path
-from .gguf import open_gguf
-from .plan import MODES, Plan, fmt_bytes, model_footprint, parse_size, plan_budget
-from .prefetch import stage_reads
-from .reader import DEFAULT_CHUNK_SIZE
+from flexio.errors import ParameterError
+from flexio.fetch import model_path
+from flexio.gguf import open_gguf
+from flexio.modes import MODES
+from flexio.plan import Plan, model_footprint, plan_budget
+from flexio.prefetch import stage_reads
+from flexio.reader import DEFAULT_CHUNK_SIZE
+from flexio.units import fmt_bytes, parse_size
+
+from .cgroup import MemCgroup, cgroup_unavailable, drop_caches
+from .disk import pieces
+from .point import cpu_steal_seconds
+
+HELP = "decode tok/s vs memory budget for each mode, with a PNG plot"  # one line for `flexio --help`
 
 OVERHEAD = 768 << 20  # Python + Numba + numpy + tokenizer + KV cache + scratch (measured RSS of memory mode minus weights)
 PROMPT = "The history of computing"
@@ -108,8 +116,7 @@ def _disk_ceiling(path: str, threads: int = 1, reps: int = 2) -> dict:
     memory traffic), with the hypervisor's steal during it. Does reading cost this machine CPU
     time? On bare metal the busy and idle rates match and nothing is stolen; on a VM whose host
     serves the disk from its page cache, the host's copy runs on the cores behind our vCPUs."""
-    from .bench_io import layer_extents, m_fio
-    from .engine import cpu_steal_seconds
+    from .disk import layer_extents, m_fio
 
     extents, nbytes, _ = layer_extents(path)
     fio = raw = busy = 0.0
@@ -163,8 +170,9 @@ def plan_reads(plan: Plan, size: int) -> list[tuple[int, int]]:
 def _raw_reads(path: str, extents: list[tuple[int, int]], passes: int, depth: int) -> list[float]:
     """Seconds of each of `passes` passes over `extents` by flexio's reader (O_DIRECT, io_uring
     unless it falls back) at `depth`, into a ring of unlocked buffers: nothing else going on."""
-    from .arena import Arena
-    from .bench_io import m_reader
+    from flexio.arena import Arena
+
+    from .disk import m_reader
 
     qd = max(1, min(depth, sum(-(-n // DEFAULT_CHUNK_SIZE) for _, n in extents)))
     with Arena(qd * DEFAULT_CHUNK_SIZE, name="ceiling", lock=False) as arena:
@@ -231,9 +239,9 @@ def run(args: argparse.Namespace) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in modes:
         if m not in MODES:
-            raise SystemExit(f"flexio bench-sweep: unknown mode {m!r}")
-    budgets = [parse_size(b.strip(), total) for b in args.budgets.split(",") if b.strip()]
-    overhead = parse_size(args.overhead)
+            raise ParameterError(f"--modes: unknown mode {m!r} (one of: {', '.join(MODES)})", param="--modes")
+    budgets = [parse_size(b.strip(), total, what="--budgets") for b in args.budgets.split(",") if b.strip()]
+    overhead = parse_size(args.overhead, what="--overhead")
     why = "--no-cgroup" if args.no_cgroup else cgroup_unavailable()
     use_cg = why is None
     root = os.geteuid() == 0
@@ -245,8 +253,8 @@ def run(args: argparse.Namespace) -> int:
         header["note"] = "not root: caches not dropped, figures are warm"
     shared = _disk_ceiling(path, args.threads)
     header.update(shared, reps=args.reps)
-    gen = [sys.executable, "-m", "flexio", "generate", "--model", path, "--prompt", PROMPT,
-           "-n", str(args.decode_tokens), "--threads", str(args.threads), "--json"]
+    gen = [sys.executable, "-m", "flexio_bench.point", "--model", path, "--prompt", PROMPT,
+           "-n", str(args.decode_tokens), "--threads", str(args.threads)]
     # in-memory compute time per token, warm (the compute side of the bound): best of two
     mems = [_child(gen + ["--mode", "memory"], None, args.timeout) for _ in range(2)]
     mem_tok_s = max((m.get("decode_tok_s") or 0.0 for m in mems), default=0.0)
@@ -255,8 +263,8 @@ def run(args: argparse.Namespace) -> int:
                   memory_error=next((m["error"] for m in mems if "error" in m), None))
     print(json.dumps({"header": header}), flush=True)
     cost = None
-    if any(m in ("flexinfer", "no-prefetch") for m in modes):
-        from .calibrate import calibrate
+    if any(MODES[m].policy is None and MODES[m].reads for m in modes):  # modes whose auto policy uses the cost model
+        from flexio.calibrate import calibrate
 
         cost = calibrate(gf, args.threads)  # the cost model the children's auto policy uses (cached)
     runs: dict[tuple[str, int], list[dict]] = {}
@@ -306,11 +314,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _flexio_point(path, gf, gen, mode, budget, total, cost, t_cpu, use_cg, overhead, shared, args) -> dict:
-    """One cold run of `flexio generate` at (mode, budget), between two measurements of the disk
+    """One cold run of the engine (bench/point.py) at (mode, budget), between two measurements of the disk
     on the reads its plan makes."""
     frac = round(budget / total, 4)
     try:
-        plan = plan_budget(gf, budget, mode=mode, cost=cost) if mode != "mmap" else None
+        plan = plan_budget(gf, budget, mode=mode, cost=cost) if not MODES[mode].page_cache else None
     except Exception as e:  # below the minimum for this mode
         return {"mode": mode, "budget_bytes": budget, "budget_frac": frac, "error": str(e)}
     if plan is not None:
