@@ -485,6 +485,9 @@ class Engine:
         """
         if self._batcher is None:
             raise FlexioError("the engine is not open: use `async with Engine(...)` or `await engine.open()`")
+        if self._scheduler.done() or self._scheduler.get_loop() is not asyncio.get_running_loop():
+            raise FlexioError("the engine was opened on another event loop (or that loop has ended): open and use "
+                              "an engine on one loop, e.g. inside one asyncio.run(), or with asyncio.Runner")
         tokens = list(tokens)
         self.check_request(len(tokens), max_tokens)
         vocab = self.config.vocab_size

@@ -11,7 +11,7 @@ import pytest
 from flexio import engine as engine_mod
 from flexio.batcher import END, Batcher, QueueFullError, Sequence
 from flexio.engine import Engine
-from flexio.errors import BudgetError
+from flexio.errors import BudgetError, FlexioError
 from flexio.model import KVCache
 from flexio.sampling import Sampler, SamplingParams
 
@@ -180,3 +180,14 @@ def test_batcher_admission_cancellation_and_limits():
         assert s4.stop_reason == "eos" and b.idle and list(b.free) == [0]
 
     asyncio.run(main())
+
+
+def test_an_engine_used_from_another_event_loop_says_so_instead_of_hanging(smollm2_path):
+    e = Engine(smollm2_path, threads=2)
+    asyncio.run(e.open())  # this loop ends here, and the engine's scheduler task with it
+    try:
+        with pytest.raises(FlexioError, match="opened on another event loop"):
+            asyncio.run(asyncio.wait_for(tokens(e, PROMPTS[0], 2), 30))
+    finally:
+        with asyncio.Runner() as r:
+            r.run(e.close())

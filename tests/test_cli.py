@@ -66,7 +66,7 @@ def test_sampling_is_seeded(smollm2_path):
 
 @pytest.mark.parametrize("args,message", [
     (("--model", "/nonexistent.gguf"), "neither an existing file nor a known model"),
-    (("--model", "/"), "not a regular file"),
+    (("--model", "/"), "is a directory, not a GGUF file"),
     (("--budget", "1MB"), "below the minimum"),
     (("--budget", "1TB"), "more than this machine's RAM"),
 ])
@@ -123,7 +123,7 @@ def test_a_fifo_as_the_model_is_refused_without_hanging(tmp_path):
     fifo = tmp_path / "model.gguf"
     os.mkfifo(fifo)
     r = flexio("generate", "--model", str(fifo), "-n", "2", timeout=60)
-    assert r.returncode == 1 and "not a regular file" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 1 and "is a fifo (named pipe), not a GGUF file" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("args,check", [

@@ -29,21 +29,28 @@ IDS = [c["prompt"][:20] for c in REF["cases"]]
 
 
 @pytest.fixture(scope="module")
-def engine(smollm2_path):
-    e = Engine(smollm2_path, threads=2)
-    asyncio.run(e.open())
-    yield e
-    asyncio.run(e.close())
+def loop():
+    """One event loop for the module: an engine lives on the loop it was opened on."""
+    with asyncio.Runner() as runner:
+        yield runner
 
 
 @pytest.fixture(scope="module")
-def greedy(engine):
+def engine(smollm2_path, loop):
+    e = Engine(smollm2_path, threads=2)
+    loop.run(e.open())
+    yield e
+    loop.run(e.close())
+
+
+@pytest.fixture(scope="module")
+def greedy(engine, loop):
     """flexio's greedy tokens per prompt (as long as the reference's)."""
 
     async def run(c):
         return [t async for t in engine.generate_tokens(c["prompt_tokens"], len(c["greedy_tokens"]))]
 
-    return {c["prompt"]: asyncio.run(run(c)) for c in REF["cases"]}
+    return {c["prompt"]: loop.run(run(c)) for c in REF["cases"]}
 
 
 def first_difference(a, b):

@@ -40,16 +40,15 @@ def _llama_logits(path: str, steps: int) -> list[np.ndarray]:
 
 
 def _flexio_logits(path: str, steps: int) -> list[np.ndarray]:
-    e = Engine(path, threads=2, n_ctx=256)
-    asyncio.run(e.open())
-    try:
-        cache = KVCache(e.config, e.n_ctx)
-        out = [e.forward(PROMPT, cache).copy()]
-        for _ in range(steps):
-            out.append(e.forward([int(np.argmax(out[-1]))], cache).copy())
-        return out
-    finally:
-        asyncio.run(e.close())
+    async def main():
+        async with Engine(path, threads=2, n_ctx=256) as e:
+            cache = KVCache(e.config, e.n_ctx)
+            out = [e.forward(PROMPT, cache).copy()]
+            for _ in range(steps):
+                out.append(e.forward([int(np.argmax(out[-1]))], cache).copy())
+            return out
+
+    return asyncio.run(main())
 
 
 @pytest.mark.parametrize("quant", QUANTS)
