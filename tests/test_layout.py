@@ -10,7 +10,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-# GGUF file -> plan -> arena -> reader/prefetch -> kernels -> model -> engine -> CLI: a module may
+# GGUF file -> plan -> arena -> reader/prefetch -> kernels -> model -> engine -> server -> CLI: a module may
 # import only modules of a lower rank (helpers at rank 0-1 serve everyone; the kernels sit at `model`'s
 # rank as flexio_kernels, a separate package).
 RANK = {
@@ -24,9 +24,12 @@ RANK = {
     "prefetch": 7,
     "model": 8,
     "calibrate": 9,
+    "stops": 3,
     "engine": 10,
-    "generate_cmd": 11,
-    "cli": 12, "__main__": 13,
+    "api_models": 11,
+    "server": 12,
+    "generate_cmd": 13, "serve_cmd": 13,
+    "cli": 14, "__main__": 15,
 }
 
 
