@@ -12,6 +12,7 @@ Ctrl-C, as the other commands).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import socket
@@ -74,12 +75,7 @@ def make_server(app, *, log_level: str = "info", access_log: bool = True):
     tells the app's generations to end (server.Served.drain)."""
     import uvicorn
 
-    try:
-        import uvloop  # noqa: F401
-
-        loop = "uvloop"
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        loop = "asyncio"
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"  # uvloop: a dependency on Linux
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets=None) -> None:

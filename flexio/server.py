@@ -1,13 +1,16 @@
 """HTTP requests -> engine generations: the OpenAI- and Ollama-compatible API, as a FastAPI (ASGI) app.
 
 `create_app(engine)` returns the app; `python -m flexio serve` (serve_cmd.py) runs it under uvicorn.
+The request and response bodies are api_models.py's, the error answers api_errors.py's, and a
+generation becomes SSE events, NDJSON lines or one body in api_answers.py.
 
 Lifecycle
   The ASGI lifespan starts loading the engine in a task and returns at once, so the server
   listens while the model loads: /health answers 503 {"status": "loading"}, then 200 {"status":
-  "ok"}; generation requests get 503 until then. At shutdown uvicorn stops accepting, lets
-  in-flight requests finish (cancelling those still running after its graceful timeout), then
-  the lifespan closes the engine (arena, io_uring ring, compute thread).
+  "ok"}; generation requests get 503 until then. At shutdown (serve_cmd's uvicorn server calls
+  Served.drain) new requests get 503 and every generation ends at its next token; uvicorn waits
+  for the connections (cancelling what is left after its graceful timeout), then the lifespan
+  closes the engine (arena, io_uring ring, compute thread).
 
 Requests
   Each generation request is admitted or refused with 503 at once: at most `parallel` run and
@@ -21,9 +24,9 @@ Errors
   Every error is an OpenAI-style body {"error": {"message", "type", "param", "code"}}: 400 for a
   request the API refuses (pydantic's validation errors too, naming the field, where FastAPI
   would answer 422), 401 without the API key, 404 for an unknown model or route, 413 for a body
-  over `max_body` bytes, 503 while loading, with a full queue or when the engine fails (a
-  FlexioError), 500 only for a bug (logged with its traceback). An error after a stream has
-  begun ends it with one error event (SSE) or line (NDJSON).
+  over `max_body` bytes, 503 while loading, with a full queue, while shutting down or when the
+  engine fails (a FlexioError), 500 only for a bug (uvicorn logs its traceback). An error after a
+  stream has begun ends it with one error event (SSE) or line (NDJSON).
 """
 
 from __future__ import annotations
@@ -31,143 +34,45 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
-import json
 import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import aclosing, asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import PlainTextResponse, Response
 
-from .api_models import (AssistantMessage, ChatChoice, ChatCompletion, ChatMessage, ChatRequest, Completion,
+from .api_answers import (OLLAMA_DEFAULTS, OPENAI_DEFAULTS, ClientGone, Job, Stream, chat_events, chat_ids, chat_role,
+                          collect, completion_events, message_text, now_rfc3339, ollama_done, ollama_lines, sampling,
+                          unless_disconnected)
+from .api_errors import (ApiError, Json, bad_parameter, busy, check_text, engine_failed, internal, shutting_down,
+                         validation_error)
+from .api_models import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatRequest, Completion,
                          CompletionChoice, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ErrorResponse,
                          Health, ModelCard, ModelList, OllamaChatRequest, OllamaChatResponse, OllamaGenerateRequest,
-                         OllamaGenerateResponse, OllamaModel, OllamaModelDetails, OllamaOptions, OllamaTags, Sampled,
-                         TokenizeRequest, TokenizeResponse, Usage)
+                         OllamaGenerateResponse, OllamaModel, OllamaModelDetails, OllamaOptions, OllamaTags,
+                         TokenizeRequest, TokenizeResponse)
 from .engine import Engine, EngineMetrics
-from .errors import FlexioError, GGUFError, ParameterError
+from .errors import FlexioError, ParameterError
 from .fetch import MODELS
 from .gguf import type_name
 from .sampling import SamplingParams
-from .stops import StopBuffer
-from .tokenizer import StreamDecoder
 
 log = logging.getLogger("flexio.server")
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: ~250k tokens of text, more than any context flexio runs
 QUEUE_PER_SLOT = 4  # default max_queue: this many waiting requests per sequence slot
-OPEN_PATHS = frozenset({"/health"})
-FORM_TYPES = frozenset({b"", b"application/x-www-form-urlencoded", b"text/plain"})  # answered without the API key (load balancers, orchestrators)
-
-# Sampling when a request leaves a field out: each API's own documented defaults.
-OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "seed": None}
-OLLAMA_DEFAULTS = {"temperature": 0.8, "top_p": 0.9, "top_k": 40, "seed": None}
-
-
-# --- errors ---------------------------------------------------------------------------------------------
-
-
-class ApiError(Exception):
-    """An answer other than 200, with an OpenAI-style error body."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> Response:
-        return Json(self.body(), status_code=self.status, headers=self.headers)
-
-
-def busy(message: str, code: str) -> ApiError:
-    return ApiError(503, message, type="server_error", code=code, headers={"Retry-After": "1"})
-
-
-def shutting_down() -> ApiError:
-    return ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
-
-
-def engine_failed(err: FlexioError) -> ApiError:
-    return ApiError(503, f"the engine failed: {err}", type="server_error", code="engine_error")
-
-
-def internal(err: BaseException) -> ApiError:
-    return ApiError(500, f"internal error ({type(err).__name__}); the server log has the details",
-                    type="server_error", code="internal_error")
-
-
-def _dumps(obj: Any) -> bytes:
-    # "replace": a lone surrogate (JSON can carry "\udc80") must not turn an error answer into a 500
-    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8", "replace")
-
-
-class Json(JSONResponse):
-    def render(self, content: Any) -> bytes:
-        return _dumps(content)
-
-
-# pydantic's union-member tags in an error's location ("str", "list[str]", "TextPart"), not field names
-_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
-
-
-def _param(loc: tuple) -> str | None:
-    """A validation error's location -> the field as a client names it: "messages[0].content"."""
-    out = ""
-    for x in loc[1:] if loc and loc[0] == "body" else loc:
-        if isinstance(x, int):
-            out += f"[{x}]"
-        elif x in _TYPE_TAGS or x[:1].isupper() or any(c in x for c in "[]-("):
-            continue
-        else:
-            out += f".{x}" if out else x
-    return out or None
-
-
-# what a field accepts, said once instead of pydantic's one message per member of its union
-FIELD_HINTS = {
-    "n": "only 1 is supported (one choice per request)",
-    "prompt": "expected a string (or a list of one string)",
-    "stop": "expected a string or a list of up to 4 strings",
-}
-
-
-def validation_error(exc: RequestValidationError) -> ApiError:
-    errors = exc.errors()
-    # the deepest location names the field best: in messages[0].content[0].type, not messages[0].content
-    first = max(errors, key=lambda e: len(e["loc"]))
-    if first["type"] == "json_invalid":
-        why = first.get("ctx", {}).get("error", "")
-        return ApiError(400, f"the request body is not valid JSON: {why}".rstrip(": "), code="invalid_json")
-    param = _param(tuple(first["loc"]))
-    msgs = dict.fromkeys(e["msg"] for e in errors if _param(tuple(e["loc"])) == param)
-    if param is None:
-        return ApiError(400, f"the request body: {' or '.join(msgs)} (expected a JSON object)")
-    if param in FIELD_HINTS and first["type"] != "missing":
-        msgs = {FIELD_HINTS[param]: None}
-    return ApiError(400, f"{param}: {' or '.join(msgs)}", param=param)
-
-
-def _check_text(text: str, param: str) -> None:
-    """JSON can carry lone surrogates ("\\ud800"): no tokenizer takes them."""
-    bad = next((i for i, ch in enumerate(text) if "\ud800" <= ch <= "\udfff"), None)
-    if bad is not None:
-        raise ApiError(400, f"{param}: expected UTF-8 text, got a lone surrogate {text[bad]!r} at character {bad}",
-                       param=param)
+OPEN_PATHS = frozenset({"/health"})  # answered without the API key (load balancers, orchestrators)
+FORM_TYPES = frozenset({b"", b"application/x-www-form-urlencoded", b"text/plain"})  # bodies read as JSON all the same
 
 
 # --- middleware: API key and body size, before routing -------------------------------------------------
@@ -225,92 +130,6 @@ class Guard:
         await self.app(scope, replayed, send)
 
 
-# --- one generation -------------------------------------------------------------------------------------
-
-
-@dataclass
-class Job:
-    """One request's generation: its input, then what came of it."""
-
-    ids: list[int]  # prompt token ids
-    max_tokens: int
-    sampling: SamplingParams
-    stops: tuple[str, ...] = ()
-    ignore_eos: bool = False
-    t_arrival: float = field(default_factory=time.perf_counter)
-    generated: int = 0
-    finish_reason: str | None = None  # "stop" (end-of-text token or stop string) or "length"
-    t_start: float = 0.0
-    t_first: float = 0.0  # when the first token came (the prompt pass is done)
-    t_end: float = 0.0
-
-    def usage(self) -> Usage:
-        return Usage(prompt_tokens=len(self.ids), completion_tokens=self.generated,
-                     total_tokens=len(self.ids) + self.generated)
-
-
-async def texts(e: Engine, job: Job, halt: Callable[[], bool] = lambda: False) -> AsyncIterator[str]:
-    """Job -> the generated text in pieces, cut before the first stop string; sets job.finish_reason.
-
-    Leaving early (a stop string, the consumer closing this generator, or halt() turning true: the
-    server is shutting down, an ApiError) closes the engine's token iterator, which ends the
-    generation and frees its slot.
-    """
-    dec, stops = StreamDecoder(e.tokenizer), StopBuffer(job.stops)
-    job.t_start = job.t_first = time.perf_counter()
-    tokens = e.generate_tokens(job.ids, job.max_tokens, job.sampling, ignore_eos=job.ignore_eos)
-    async with aclosing(tokens):
-        async for tok in tokens:
-            if halt():
-                raise shutting_down()
-            if job.generated == 0:
-                job.t_first = time.perf_counter()
-            job.generated += 1
-            text = stops.push(dec.push(tok))
-            if text:
-                yield text
-            if stops.stopped:
-                break
-    if not stops.stopped:
-        text = stops.push(dec.flush())
-        text += stops.flush()
-        if text:
-            yield text
-    # the engine checks for end-of-text only while generated < max_tokens: all of them means "length"
-    job.finish_reason = "stop" if stops.stopped or job.generated < job.max_tokens else "length"
-    job.t_end = time.perf_counter()
-
-
-class ClientGone(Exception):
-    """The client disconnected before its answer was ready."""
-
-
-async def unless_disconnected(receive: Callable, work: Coroutine) -> Any:
-    """work's result; if the client disconnects first, work is cancelled and ClientGone raised."""
-    result: list = []
-    failure: list[BaseException] = []
-
-    async def run():
-        try:
-            result.append(await work)
-        except Exception as err:  # handed to the caller: a task group would wrap it in an ExceptionGroup
-            failure.append(err)
-
-    async def watch():
-        while (await receive())["type"] != "http.disconnect":
-            pass
-
-    async with asyncio.TaskGroup() as tg:
-        running, watching = tg.create_task(run()), tg.create_task(watch())
-        running.add_done_callback(lambda _: watching.cancel())
-        watching.add_done_callback(lambda _: running.cancel())
-    if failure:
-        raise failure[0]
-    if not result:
-        raise ClientGone()
-    return result[0]
-
-
 class Ticket:
     """One admitted generation request; release() (idempotent) makes room for another."""
 
@@ -324,39 +143,6 @@ class Ticket:
             self.served.admitted -= 1
 
 
-class Stream(StreamingResponse):
-    """A generation streamed to the client.
-
-    Starlette stops iterating when the client disconnects (or the task is cancelled at shutdown);
-    closing the body iterator here ends the generation at once, wherever it was suspended, and the
-    ticket leaves the queue count.
-    """
-
-    def __init__(self, chunks: AsyncIterator[bytes], media_type: str, ticket: Ticket):
-        super().__init__(chunks, media_type=media_type, headers={"Cache-Control": "no-cache"})
-        self.ticket = ticket
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        except (OSError, ClientDisconnect):
-            pass  # the client is gone: nobody to tell
-        finally:
-            try:
-                await self.body_iterator.aclose()
-            finally:
-                self.ticket.release()
-
-
-def _stream_error(err: Exception) -> dict:
-    if isinstance(err, ApiError):
-        return err.body()
-    if isinstance(err, FlexioError):
-        return engine_failed(err).body()
-    log.error("a streamed generation failed", exc_info=err)
-    return internal(err).body()
-
-
 # --- the served model --------------------------------------------------------------------------------
 
 
@@ -365,10 +151,6 @@ def model_file_name(ref: str) -> str:
     if ref in MODELS and not os.path.exists(ref):
         return os.path.basename(MODELS[ref].member)
     return os.path.basename(ref)
-
-
-def _now_rfc3339() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 class Served:
@@ -456,131 +238,6 @@ class Served:
         return Job(ids, n, sampling, stops, bool(ignore_eos))
 
 
-def bad_parameter(err: ParameterError, names: dict[str, str]) -> ApiError:
-    param = names.get(err.param, err.param)
-    return ApiError(400, str(err), param=param)
-
-
-def sampling(fields: Sampled | OllamaOptions | None, defaults: dict, names: dict[str, str]) -> SamplingParams:
-    """A request's sampling fields, each absent one from the API's defaults -> SamplingParams (400 if refused)."""
-    values = {k: getattr(fields, k, None) for k in defaults}
-    values = {k: defaults[k] if v is None else v for k, v in values.items()}
-    try:
-        return SamplingParams(temperature=float(values["temperature"]), top_k=values["top_k"],
-                              top_p=float(values["top_p"]), seed=values["seed"])
-    except ParameterError as err:
-        raise bad_parameter(err, names) from None
-
-
-def chat_ids(e: Engine, messages: list[dict], param: str = "messages") -> list[int]:
-    """Messages -> prompt token ids through the model's chat template (as the engine's prompt_tokens(chat=True)).
-
-    A template that writes BOS itself, for a tokenizer that adds one, would give two: one is kept (as
-    llama-server does).
-    """
-    for i, m in enumerate(messages):
-        _check_text(m["content"], f"{param}[{i}].content")
-    try:
-        text = e.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    except GGUFError as err:
-        raise ApiError(400, f"{param}: {err}: use a completion endpoint instead", param=param) from None
-    except Exception as err:  # the template's raise_exception() or a jinja error: these messages do not fit it
-        raise ApiError(400, f"{param}: the model's chat template refused them: {err}", param=param) from None
-    ids = e.tokenizer.encode(text, parse_special=True)
-    bos = e.tokenizer.bos_id
-    if len(ids) > 1 and bos is not None and ids[0] == ids[1] == bos:
-        del ids[0]
-    return ids
-
-
-def _content(m: ChatMessage) -> str:
-    if m.content is None:
-        return ""
-    if isinstance(m.content, str):
-        return m.content
-    return "".join(part.text for part in m.content)
-
-
-def _role(role: str) -> str:
-    return "system" if role == "developer" else role  # OpenAI's newer name for the system role
-
-
-# --- answers: OpenAI ------------------------------------------------------------------------------------
-
-
-def _sse(obj: Any) -> bytes:
-    return b"data: " + _dumps(obj) + b"\n\n"
-
-
-SSE_DONE = b"data: [DONE]\n\n"
-
-
-async def completion_events(e: Engine, job: Job, head: dict, include_usage: bool,
-                            halt: Callable[[], bool]) -> AsyncIterator[bytes]:
-    def chunk(text: str, finish: str | None) -> dict:
-        return {**head, "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
-                "usage": None}
-
-    try:
-        async for text in texts(e, job, halt):
-            yield _sse(chunk(text, None))
-        yield _sse(chunk("", job.finish_reason))
-        if include_usage:
-            yield _sse({**head, "choices": [], "usage": job.usage().model_dump()})
-    except Exception as err:
-        yield _sse(_stream_error(err))
-    yield SSE_DONE
-
-
-async def chat_events(e: Engine, job: Job, head: dict, include_usage: bool,
-                      halt: Callable[[], bool]) -> AsyncIterator[bytes]:
-    def chunk(delta: dict, finish: str | None) -> dict:
-        return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-                "usage": None}
-
-    try:
-        yield _sse(chunk({"role": "assistant", "content": ""}, None))
-        async for text in texts(e, job, halt):
-            yield _sse(chunk({"content": text}, None))
-        yield _sse(chunk({}, job.finish_reason))
-        if include_usage:
-            yield _sse({**head, "choices": [], "usage": job.usage().model_dump()})
-    except Exception as err:
-        yield _sse(_stream_error(err))
-    yield SSE_DONE
-
-
-async def collect(e: Engine, job: Job, halt: Callable[[], bool]) -> str:
-    return "".join([t async for t in texts(e, job, halt)])
-
-
-# --- answers: Ollama ------------------------------------------------------------------------------------
-
-
-def _ns(seconds: float) -> int:
-    return max(int(seconds * 1e9), 0)
-
-
-def ollama_done(job: Job) -> dict:
-    return {"done": True, "done_reason": job.finish_reason,
-            "total_duration": _ns(job.t_end - job.t_arrival), "load_duration": 0,
-            "prompt_eval_count": len(job.ids), "prompt_eval_duration": _ns(job.t_first - job.t_start),
-            "eval_count": job.generated, "eval_duration": _ns(job.t_end - job.t_first)}
-
-
-def _ollama_piece(chat: bool, text: str) -> dict:
-    return {"message": {"role": "assistant", "content": text}} if chat else {"response": text}
-
-
-async def ollama_lines(e: Engine, job: Job, model: str, chat: bool, halt: Callable[[], bool]) -> AsyncIterator[bytes]:
-    try:
-        async for text in texts(e, job, halt):
-            yield _dumps({"model": model, "created_at": _now_rfc3339(), **_ollama_piece(chat, text), "done": False}) + b"\n"
-        yield _dumps({"model": model, "created_at": _now_rfc3339(), **_ollama_piece(chat, ""), **ollama_done(job)}) + b"\n"
-    except Exception as err:
-        yield _dumps(_stream_error(err)) + b"\n"
-
-
 # --- metrics --------------------------------------------------------------------------------------------
 
 # EngineMetrics field -> (Prometheus name, type, help). A field added to EngineMetrics later is exported
@@ -643,8 +300,20 @@ ERROR_RESPONSES: dict[int | str, dict] = {
         (503, "the model is loading, the queue is full, or the engine failed"),
     )
 }
-SSE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
-             "description": "JSON, or with stream=true server-sent events ending with data: [DONE]"}}
+
+
+def sse(chunk: type[BaseModel]) -> dict:
+    """A streamed answer in the schema. Before Open API 3.2 an event stream's `schema` describes one event:
+    here its data is a JSON chunk (or an error), or the final [DONE]."""
+    data = {"anyOf": [{"const": "[DONE]"}, {
+        "type": "string", "contentMediaType": "application/json",
+        "contentSchema": {"anyOf": [{"$ref": f"#/components/schemas/{m.__name__}"} for m in (chunk, ErrorResponse)]}}]}
+    return {200: {"content": {"text/event-stream": {"schema": {
+        "type": "object", "required": ["data"], "properties": {"data": data}}}},
+        "description": "JSON, or with stream=true server-sent events, each a chunk, the last one data: [DONE]"}}
+
+
+STREAM_CHUNKS = (Completion, ChatCompletionChunk, ErrorResponse)  # models only streams use: the schema needs them
 NDJSON = {200: {"content": {"application/x-ndjson": {"schema": {"type": "string"}}},
                 "description": "one JSON object per line (stream=true, the default), else one JSON object"}}
 
@@ -725,7 +394,7 @@ def create_app(engine: Engine | Callable[[], Engine], *, model_alias: str | None
                      media_type: str = "text/event-stream") -> Response:
         """Stream `events` (the ticket goes with the stream), or wait for the whole text and answer body(text)."""
         if stream:
-            return Stream(events, media_type, ticket)
+            return Stream(events, media_type, ticket.release)
         try:
             text = await unless_disconnected(request.receive, collect(served.engine, job, served.halted))
         except ClientGone:
@@ -736,7 +405,7 @@ def create_app(engine: Engine | Callable[[], Engine], *, model_alias: str | None
 
     # --- OpenAI ---
 
-    @app.post("/v1/completions", response_model=Completion, responses=SSE, tags=["OpenAI"])
+    @app.post("/v1/completions", response_model=Completion, responses=sse(Completion), tags=["OpenAI"])
     async def completions(req: CompletionRequest, request: Request) -> Response:
         """Continue a prompt (OpenAI's completions)."""
         served.check_model(req.model)
@@ -746,7 +415,7 @@ def create_app(engine: Engine | Callable[[], Engine], *, model_alias: str | None
         params = sampling(req, OPENAI_DEFAULTS, names)
         ticket = served.admit()
         try:
-            _check_text(prompt, "prompt")
+            check_text(prompt, "prompt")
             job = served.job(e.prompt_tokens(prompt), req.max_tokens, params, req.stop, req.ignore_eos, names)
         except BaseException:
             ticket.release()
@@ -758,7 +427,8 @@ def create_app(engine: Engine | Callable[[], Engine], *, model_alias: str | None
                             lambda text: Completion(**head, choices=[CompletionChoice(
                                 text=text, finish_reason=job.finish_reason)], usage=job.usage()).model_dump())
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=SSE, tags=["OpenAI"])
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=sse(ChatCompletionChunk),
+              tags=["OpenAI"])
     async def chat_completions(req: ChatRequest, request: Request) -> Response:
         """Answer a conversation through the model's chat template (OpenAI's chat completions)."""
         served.check_model(req.model)
@@ -766,7 +436,7 @@ def create_app(engine: Engine | Callable[[], Engine], *, model_alias: str | None
         limit = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         names = {"max_tokens": limit, "prompt": "messages"}
         params = sampling(req, OPENAI_DEFAULTS, names)
-        messages = [{"role": _role(m.role), "content": _content(m)} for m in req.messages]
+        messages = [{"role": chat_role(m.role), "content": message_text(m)} for m in req.messages]
         ticket = served.admit()
         try:
             requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -816,7 +486,7 @@ def create_app(engine: Engine | Callable[[], Engine], *, model_alias: str | None
     async def tokenize(req: TokenizeRequest) -> TokenizeResponse:
         """Text -> token ids (llama-server's /tokenize)."""
         e = served.ready()
-        _check_text(req.content, "content")
+        check_text(req.content, "content")
         return TokenizeResponse(tokens=e.tokenizer.encode(req.content, add_bos=None if req.add_special else False,
                                                           parse_special=req.parse_special))
 
@@ -847,15 +517,15 @@ def create_app(engine: Engine | Callable[[], Engine], *, model_alias: str | None
         served.check_model(req.model)
         e = served.ready()
         if not req.prompt:  # Ollama's way to load a model: answer that it is
-            return Json({"model": served.model_id, "created_at": _now_rfc3339(), "response": "", "done": True,
+            return Json({"model": served.model_id, "created_at": now_rfc3339(), "response": "", "done": True,
                          "done_reason": "load"})
         names = {**ollama_names, "prompt": "prompt"}
         ticket = served.admit()
         try:
-            _check_text(req.prompt, "prompt")
+            check_text(req.prompt, "prompt")
             ids = None
             if not req.raw and e.tokenizer.vocab.chat_template:
-                _check_text(req.system or "", "system")
+                check_text(req.system or "", "system")
                 msgs = ([{"role": "system", "content": req.system}] if req.system else []) + [
                     {"role": "user", "content": req.prompt}]
                 ids = chat_ids(e, msgs, param="prompt")
@@ -867,7 +537,7 @@ def create_app(engine: Engine | Callable[[], Engine], *, model_alias: str | None
             ticket.release()
             raise
         return await answer(request, ticket, job, req.stream, ollama_lines(e, job, served.model_id, False, served.halted),
-                            lambda text: {"model": served.model_id, "created_at": _now_rfc3339(), "response": text,
+                            lambda text: {"model": served.model_id, "created_at": now_rfc3339(), "response": text,
                                           **ollama_done(job)}, media_type="application/x-ndjson")
 
     @app.post("/api/chat", response_model=OllamaChatResponse, responses=NDJSON, tags=["Ollama"])
@@ -877,7 +547,7 @@ def create_app(engine: Engine | Callable[[], Engine], *, model_alias: str | None
         e = served.ready()
         ticket = served.admit()
         try:
-            msgs = [{"role": _role(m.role), "content": m.content} for m in req.messages]
+            msgs = [{"role": chat_role(m.role), "content": m.content} for m in req.messages]
             job = ollama_job(e, chat_ids(e, msgs), req.options)
         except ParameterError as err:
             ticket.release()
@@ -886,7 +556,7 @@ def create_app(engine: Engine | Callable[[], Engine], *, model_alias: str | None
             ticket.release()
             raise
         return await answer(request, ticket, job, req.stream, ollama_lines(e, job, served.model_id, True, served.halted),
-                            lambda text: {"model": served.model_id, "created_at": _now_rfc3339(),
+                            lambda text: {"model": served.model_id, "created_at": now_rfc3339(),
                                           "message": {"role": "assistant", "content": text}, **ollama_done(job)},
                             media_type="application/x-ndjson")
 
@@ -909,8 +579,13 @@ def create_app(engine: Engine | Callable[[], Engine], *, model_alias: str | None
             for path in schema.get("paths", {}).values():
                 for op in path.values():
                     op.get("responses", {}).pop("422", None)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
             for name in ("HTTPValidationError", "ValidationError"):
-                schema.get("components", {}).get("schemas", {}).pop(name, None)
+                components.pop(name, None)
+            _, defs = models_json_schema([(m, "serialization") for m in STREAM_CHUNKS],
+                                         ref_template="#/components/schemas/{model}")
+            for name, definition in defs.get("$defs", {}).items():
+                components.setdefault(name, definition)
             app.openapi_schema = schema
         return app.openapi_schema
 

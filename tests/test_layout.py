@@ -26,10 +26,11 @@ RANK = {
     "calibrate": 9,
     "stops": 3,
     "engine": 10,
-    "api_models": 11,
-    "server": 12,
-    "generate_cmd": 13, "serve_cmd": 13,
-    "cli": 14, "__main__": 15,
+    "api_models": 11, "api_errors": 11,
+    "api_answers": 12,
+    "server": 13,
+    "generate_cmd": 14, "serve_cmd": 14,
+    "cli": 15, "__main__": 16,
 }
 
 

@@ -328,6 +328,16 @@ def test_a_client_leaving_mid_stream_frees_its_slot(srv):
     assert e.stats.stop_reason == "cancelled" and e.stats.decode_tokens < 100
 
 
+def test_a_client_giving_up_on_a_plain_answer_frees_its_slot(srv):
+    e = srv.engine
+    done0 = e.metrics().requests_total
+    with pytest.raises(httpx.ReadTimeout):  # the client closes its connection after 2 s without an answer
+        httpx.post(f"{srv.url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=2,
+                   json={"prompt": PROMPT, "max_tokens": 400, "ignore_eos": True})
+    assert wait_until(lambda: e.metrics().requests_running == 0 and e.metrics().requests_total == done0 + 1, 60)
+    assert e.stats.stop_reason == "cancelled" and srv.app.state.served.admitted == 0
+
+
 def test_more_requests_than_slots_and_queue_get_503_never_500(srv):
     """parallel 2 + max_queue 2: with 4 streams admitted (one generating, three waiting for the engine), every
     further request is refused at once with 503 and Retry-After; closing the streams frees everything."""
@@ -478,6 +488,15 @@ def test_serve_refuses_a_port_in_use(smollm2_path, capsys):
         port = taken.getsockname()[1]
         assert main(["serve", "--model", smollm2_path, "--port", str(port)]) == 1
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_serve_stops_when_the_model_fails_to_load(capsys):
+    from flexio.cli import main
+
+    assert main(["serve", "--model", "/nonexistent.gguf", "--port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "listening on http://127.0.0.1:" in err
+    assert err.strip().splitlines()[-1].startswith("flexio serve: error: ") and "neither an existing file" in err
 
 
 def test_serve_command_end_to_end_and_sigterm(smollm2_path):
