@@ -175,8 +175,8 @@ def chat_ids(e: Engine, messages: list[dict], param: str = "messages") -> list[i
     A template that writes BOS itself, for a tokenizer that adds one, would give two: one is kept (as
     llama-server does).
     """
-    for i, m in enumerate(messages):
-        check_text(m["content"], f"{param}[{i}].content")
+    for i, m in enumerate(messages):  # param "prompt": Ollama's /api/generate put the prompt in messages
+        check_text(m["content"], f"{param}[{i}].content" if param == "messages" else param)
     try:
         text = e.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     except GGUFError as err:

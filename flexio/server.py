@@ -392,7 +392,11 @@ def create_app(engine: Engine | Callable[[], Engine], *, model_alias: str | None
 
     async def answer(request: Request, ticket: Ticket, job: Job, stream: bool, events, body: Callable[[str], dict],
                      media_type: str = "text/event-stream") -> Response:
-        """Stream `events` (the ticket goes with the stream), or wait for the whole text and answer body(text)."""
+        """Stream `events` (the ticket goes with the stream), or wait for the whole text and answer body(text).
+
+        Every check is done and the ticket taken before this: from here the request holds its place until
+        its answer ends or the client leaves.
+        """
         if stream:
             return Stream(events, media_type, ticket.release)
         try:
@@ -413,13 +417,9 @@ def create_app(engine: Engine | Callable[[], Engine], *, model_alias: str | None
         names = {"max_tokens": "max_tokens", "prompt": "prompt"}
         prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
         params = sampling(req, OPENAI_DEFAULTS, names)
+        check_text(prompt, "prompt")
+        job = served.job(e.prompt_tokens(prompt), req.max_tokens, params, req.stop, req.ignore_eos, names)
         ticket = served.admit()
-        try:
-            check_text(prompt, "prompt")
-            job = served.job(e.prompt_tokens(prompt), req.max_tokens, params, req.stop, req.ignore_eos, names)
-        except BaseException:
-            ticket.release()
-            raise
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": served.model_id}
         usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -437,13 +437,9 @@ def create_app(engine: Engine | Callable[[], Engine], *, model_alias: str | None
         names = {"max_tokens": limit, "prompt": "messages"}
         params = sampling(req, OPENAI_DEFAULTS, names)
         messages = [{"role": chat_role(m.role), "content": message_text(m)} for m in req.messages]
+        requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        job = served.job(chat_ids(e, messages), requested, params, req.stop, req.ignore_eos, names)
         ticket = served.admit()
-        try:
-            requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-            job = served.job(chat_ids(e, messages), requested, params, req.stop, req.ignore_eos, names)
-        except BaseException:
-            ticket.release()
-            raise
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
                 "model": served.model_id}
         usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -506,10 +502,11 @@ def create_app(engine: Engine | Callable[[], Engine], *, model_alias: str | None
     ollama_names = {"max_tokens": "options.num_predict", "temperature": "options.temperature",
                     "top_p": "options.top_p", "top_k": "options.top_k", "seed": "options.seed"}
 
-    def ollama_job(e: Engine, ids: list[int], options: OllamaOptions | None) -> Job:
+    def ollama_job(e: Engine, ids: list[int], options: OllamaOptions | None, prompt: str) -> Job:
         o = options or OllamaOptions()
-        n = o.num_predict if o.num_predict is not None and o.num_predict >= 0 else None
-        return served.job(ids, n, sampling(o, OLLAMA_DEFAULTS, ollama_names), o.stop, False, ollama_names)
+        n = o.num_predict if o.num_predict is not None and o.num_predict >= 0 else None  # < 0: fill the context
+        names = {**ollama_names, "prompt": prompt}
+        return served.job(ids, n, sampling(o, OLLAMA_DEFAULTS, names), o.stop, False, names)
 
     @app.post("/api/generate", response_model=OllamaGenerateResponse, responses=NDJSON, tags=["Ollama"])
     async def ollama_generate(req: OllamaGenerateRequest, request: Request) -> Response:
@@ -519,23 +516,16 @@ def create_app(engine: Engine | Callable[[], Engine], *, model_alias: str | None
         if not req.prompt:  # Ollama's way to load a model: answer that it is
             return Json({"model": served.model_id, "created_at": now_rfc3339(), "response": "", "done": True,
                          "done_reason": "load"})
-        names = {**ollama_names, "prompt": "prompt"}
+        check_text(req.prompt, "prompt")
+        if req.raw or not e.tokenizer.vocab.chat_template:
+            ids = e.prompt_tokens(req.prompt)
+        else:
+            check_text(req.system or "", "system")
+            msgs = ([{"role": "system", "content": req.system}] if req.system else []) + [
+                {"role": "user", "content": req.prompt}]
+            ids = chat_ids(e, msgs, param="prompt")
+        job = ollama_job(e, ids, req.options, prompt="prompt")
         ticket = served.admit()
-        try:
-            check_text(req.prompt, "prompt")
-            ids = None
-            if not req.raw and e.tokenizer.vocab.chat_template:
-                check_text(req.system or "", "system")
-                msgs = ([{"role": "system", "content": req.system}] if req.system else []) + [
-                    {"role": "user", "content": req.prompt}]
-                ids = chat_ids(e, msgs, param="prompt")
-            job = ollama_job(e, ids if ids is not None else e.prompt_tokens(req.prompt), req.options)
-        except ParameterError as err:
-            ticket.release()
-            raise bad_parameter(err, names) from None
-        except BaseException:
-            ticket.release()
-            raise
         return await answer(request, ticket, job, req.stream, ollama_lines(e, job, served.model_id, False, served.halted),
                             lambda text: {"model": served.model_id, "created_at": now_rfc3339(), "response": text,
                                           **ollama_done(job)}, media_type="application/x-ndjson")
@@ -545,16 +535,9 @@ def create_app(engine: Engine | Callable[[], Engine], *, model_alias: str | None
         """Answer a conversation through the model's chat template (Ollama's /api/chat)."""
         served.check_model(req.model)
         e = served.ready()
+        msgs = [{"role": chat_role(m.role), "content": m.content} for m in req.messages]
+        job = ollama_job(e, chat_ids(e, msgs), req.options, prompt="messages")
         ticket = served.admit()
-        try:
-            msgs = [{"role": chat_role(m.role), "content": m.content} for m in req.messages]
-            job = ollama_job(e, chat_ids(e, msgs), req.options)
-        except ParameterError as err:
-            ticket.release()
-            raise bad_parameter(err, {**ollama_names, "prompt": "messages"}) from None
-        except BaseException:
-            ticket.release()
-            raise
         return await answer(request, ticket, job, req.stream, ollama_lines(e, job, served.model_id, True, served.halted),
                             lambda text: {"model": served.model_id, "created_at": now_rfc3339(),
                                           "message": {"role": "assistant", "content": text}, **ollama_done(job)},
