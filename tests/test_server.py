@@ -316,7 +316,7 @@ def test_ollama_tags_lists_the_model(http, srv):
 def test_a_client_leaving_mid_stream_frees_its_slot(srv):
     e = srv.engine
     assert wait_until(lambda: e.metrics().requests_running == 0)
-    done0 = e.metrics().requests_total
+    done0, generated0 = e.metrics().requests_total, e.metrics().generated_tokens_total
     with httpx.stream("POST", f"{srv.url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=300,
                       json={"prompt": PROMPT, "max_tokens": 400, "ignore_eos": True, "stream": True}) as r:
         lines = r.iter_lines()
@@ -325,17 +325,20 @@ def test_a_client_leaving_mid_stream_frees_its_slot(srv):
     # the connection is closed: the server notices, closes the generation, the engine frees the slot
     assert wait_until(lambda: e.metrics().requests_running == 0 and e.metrics().requests_total == done0 + 1, 60)
     assert srv.app.state.served.admitted == 0
-    assert e.stats.stop_reason == "cancelled" and e.stats.decode_tokens < 100
+    assert e.metrics().generated_tokens_total - generated0 < 400
 
 
-def test_a_client_giving_up_on_a_plain_answer_frees_its_slot(srv):
+def test_a_client_leaving_before_a_plain_answer_frees_its_slot(srv):
     e = srv.engine
-    done0 = e.metrics().requests_total
-    with pytest.raises(httpx.ReadTimeout):  # the client closes its connection after 2 s without an answer
-        httpx.post(f"{srv.url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=2,
-                   json={"prompt": PROMPT, "max_tokens": 400, "ignore_eos": True})
+    done0, generated0 = e.metrics().requests_total, e.metrics().generated_tokens_total
+    body = json.dumps({"prompt": PROMPT, "max_tokens": 400, "ignore_eos": True}).encode()
+    with socket.create_connection(("127.0.0.1", srv.port)) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        assert wait_until(lambda: e.metrics().requests_running == 1, 60)  # generating; then the client hangs up
     assert wait_until(lambda: e.metrics().requests_running == 0 and e.metrics().requests_total == done0 + 1, 60)
-    assert e.stats.stop_reason == "cancelled" and srv.app.state.served.admitted == 0
+    assert srv.app.state.served.admitted == 0
+    assert e.metrics().generated_tokens_total - generated0 < 400
 
 
 def test_more_requests_than_slots_and_queue_get_503_never_500(srv):
