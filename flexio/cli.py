@@ -23,6 +23,7 @@ from .errors import FlexioError, ParameterError
 # the runtime's commands: name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("flexio.generate_cmd", "generate text from a prompt (streams tokens, reports tok/s)"),
+    "serve": ("flexio.serve_cmd", "serve the model over HTTP: OpenAI- and Ollama-compatible API"),
     "fetch": ("flexio.fetch", "fetch a named model into the cache and print its path"),
 }
 

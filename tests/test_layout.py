@@ -10,7 +10,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-# GGUF file -> plan -> arena -> reader/prefetch -> kernels -> model -> engine -> CLI: a module may
+# GGUF file -> plan -> arena -> reader/prefetch -> kernels -> model -> engine -> server -> CLI: a module may
 # import only modules of a lower rank (helpers at rank 0-1 serve everyone; the kernels sit at `model`'s
 # rank as flexio_kernels, a separate package).
 RANK = {
@@ -18,7 +18,7 @@ RANK = {
     "units": 1, "modes": 1, "fetch": 1,
     "arch": 2,
     "gguf": 3,
-    "tokenizer": 4, "sampling": 4,
+    "tokenizer": 4, "sampling": 4, "stops": 4,
     "plan": 5,
     "arena": 6, "uring": 6,
     "reader": 7,
@@ -26,8 +26,11 @@ RANK = {
     "model": 9,
     "calibrate": 10, "batcher": 10,
     "engine": 11,
-    "generate_cmd": 12,
-    "cli": 13, "__main__": 14,
+    "api_models": 12, "api_errors": 12,
+    "api_answers": 13,
+    "server": 14,
+    "generate_cmd": 15, "serve_cmd": 15,
+    "cli": 16, "__main__": 17,
 }
 
 
