@@ -170,24 +170,15 @@ def sampling(fields: Sampled | OllamaOptions | None, defaults: dict, names: dict
 
 
 def chat_ids(e: Engine, messages: list[dict], param: str = "messages") -> list[int]:
-    """Messages -> prompt token ids through the model's chat template (as the engine's prompt_tokens(chat=True)).
-
-    A template that writes BOS itself, for a tokenizer that adds one, would give two: one is kept (as
-    llama-server does).
-    """
+    """Messages -> prompt token ids through the model's chat template (Engine.chat_tokens)."""
     for i, m in enumerate(messages):  # param "prompt": Ollama's /api/generate put the prompt in messages
         check_text(m["content"], f"{param}[{i}].content" if param == "messages" else param)
     try:
-        text = e.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return e.chat_tokens(messages)
     except GGUFError as err:
         raise ApiError(400, f"{param}: {err}: use a completion endpoint instead", param=param) from None
-    except Exception as err:  # the template's raise_exception() or a jinja error: these messages do not fit it
-        raise ApiError(400, f"{param}: the model's chat template refused them: {err}", param=param) from None
-    ids = e.tokenizer.encode(text, parse_special=True)
-    bos = e.tokenizer.bos_id
-    if len(ids) > 1 and bos is not None and ids[0] == ids[1] == bos:
-        del ids[0]
-    return ids
+    except ParameterError as err:
+        raise ApiError(400, f"{param}: {err}", param=param) from None
 
 
 def message_text(m: ChatMessage) -> str:

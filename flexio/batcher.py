@@ -95,6 +95,9 @@ class Batcher:
         self.passes = 0
         self.rows_total = 0
         self.seqs_total = 0  # sequences carried by passes, summed (batch size x passes)
+        self.ended_total = 0  # requests ended, any reason (cancelled included)
+        self.prompt_tokens_total = 0  # prompt tokens read into KV caches
+        self.generated_total = 0
 
     # --- requests ---------------------------------------------------------------------
 
@@ -198,6 +201,9 @@ class Batcher:
             return
         seq.stop_reason = reason
         seq.t_end = time.perf_counter()
+        self.ended_total += 1
+        self.prompt_tokens_total += seq.fed
+        self.generated_total += seq.generated
         if seq in self.running:
             self.running.remove(seq)
         if seq in self.waiting:

@@ -180,7 +180,7 @@ class Engine:
         self._wake = asyncio.Event()  # a request arrived or left: the scheduler looks again
         self._caches: list[KVCache] = []  # one per sequence slot, allocated by open
         self._scheduler: asyncio.Task | None = None
-        self._totals = {"requests": 0, "prompt": 0, "generated": 0, "passes": 0, "batched": 0}
+        self._totals = {"passes": 0, "batched": 0}
         self._recent: list[tuple[float, int]] = []  # (time a pass ended, tokens it generated), last RATE_WINDOW_S
         # set by open():
         self.gguf: GGUFFile | None = None
@@ -440,9 +440,26 @@ class Engine:
                                  param="prompt")
         if chat:
             msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-            text = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
-            return self.tokenizer.encode(text, parse_special=True)
+            return self.chat_tokens(msgs)
         return self.tokenizer.encode(prompt)
+
+    def chat_tokens(self, messages: list[dict]) -> list[int]:
+        """Chat messages ({role, content}) -> prompt token ids through the model's chat template.
+
+        A template that writes BOS itself, for a tokenizer that adds one, would give two: one is kept,
+        as llama-server does. :raises GGUFError: the model has no (usable) template; ParameterError:
+        the template refuses these messages."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        ids = self.tokenizer.encode(text, parse_special=True)
+        bos = self.tokenizer.bos_id
+        if len(ids) > 1 and bos is not None and ids[0] == ids[1] == bos:
+            del ids[0]
+        return ids
+
+    @property
+    def healthy(self) -> bool:
+        """False once the weight stream has failed (an I/O error): every later generation would fail too."""
+        return self.stream is not None and self.stream.error is None
 
     def check_request(self, n_prompt: int, max_tokens: int) -> None:
         """Refuse (ParameterError, with the allowed range) a prompt that is empty or does not fit the context."""
@@ -547,11 +564,6 @@ class Engine:
             before = sum(r.seq.generated for r in rows)
             b.finish_pass(rows, logits, wait1 - wait0, bytes1 - bytes0)
             self._count_pass(sum(r.seq.generated for r in rows) - before, len(rows))
-            for r in rows:
-                if r.seq.ended:
-                    self._totals["requests"] += 1
-                    self._totals["prompt"] += len(r.seq.prompt)
-                    self._totals["generated"] += r.seq.generated
 
     def _count_pass(self, generated: int, batch: int) -> None:
         now = time.monotonic()
@@ -571,7 +583,8 @@ class Engine:
         return EngineMetrics(
             parallel=self.parallel, n_ctx_seq=self.n_ctx_seq,
             requests_running=len(b.running) if b else 0, requests_waiting=len(b.waiting) if b else 0,
-            requests_total=t["requests"], prompt_tokens_total=t["prompt"], generated_tokens_total=t["generated"],
+            requests_total=b.ended_total if b else 0, prompt_tokens_total=b.prompt_tokens_total if b else 0,
+            generated_tokens_total=b.generated_total if b else 0,
             passes_total=t["passes"], batch_size_mean=t["batched"] / t["passes"] if t["passes"] else 0.0,
             decode_tok_s=sum(n for _, n in recent[1:]) / span if span > 0 else 0.0,
             streamed_bytes_per_pass=plan.streamed_bytes_per_token if plan else 0,

@@ -290,6 +290,11 @@ class StageStream:
             self._aborted = True
             self._cond.notify_all()
 
+    @property
+    def error(self) -> BaseException | None:
+        """The I/O error that stopped the stream, if one did."""
+        return self._error
+
     def statistics(self) -> StreamStats:
         return StreamStats(self.passes, self.loaded, self.bytes_read, self.wait_s)
 

@@ -467,6 +467,9 @@ def create_app(engine: Engine | Callable[[], Engine], *, model_alias: str | None
     async def health() -> Response:
         """200 {"status": "ok"} once the model is loaded; 503 while it loads (or if it failed)."""
         if served.status == "ok":
+            e = served.engine
+            if e is not None and not e.healthy:  # the weight stream failed: every generation would fail
+                return Json({"status": "error", "message": str(e.stream.error)}, status_code=503)
             return Json({"status": "ok"})
         if served.status == "loading":
             return Json({"status": "loading"}, status_code=503)

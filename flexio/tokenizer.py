@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import GGUFError, UnsupportedError
+from .errors import GGUFError, ParameterError, UnsupportedError
 
 # --- token types (gguf TokenType / llama_token_type) ------------------------------
 
@@ -484,15 +484,23 @@ class Tokenizer:
             raise GGUFError("metadata key 'tokenizer.chat_template' is missing: the model has no chat template")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {m!r}")
+                raise ParameterError(f"messages[{i}]: expected a dict with 'role' and 'content', got {m!r:.80}",
+                                     param="messages")
         tok = lambda i: self.vocab.tokens[i] if i is not None else ""  # noqa: E731
-        return _compile_template(template).render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=tok(self.bos_id),
-            eos_token=tok(self.eos_id),
-            **kwargs,
-        )
+        try:
+            template = _compile_template(template)
+        except Exception as e:  # jinja's syntax error: the file's template, not the caller's messages
+            raise GGUFError(f"metadata key 'tokenizer.chat_template' does not compile: {type(e).__name__}: {e}") from None
+        try:
+            return template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=tok(self.bos_id),
+                eos_token=tok(self.eos_id),
+                **kwargs,
+            )
+        except Exception as e:  # the template's raise_exception(), or a jinja error on these messages
+            raise ParameterError(f"messages: the model's chat template refused them: {e}", param="messages") from None
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.vocab.model}, pre={self.vocab.pre!r}, vocab={self.vocab_size}, add_bos={self.add_bos})"

@@ -127,9 +127,11 @@ def test_truncated_file_under_the_engine_is_a_clear_error(smollm2_path, tmp_path
 
     async def main():
         async with Engine(str(path), threads=2, budget="30%") as e:
+            assert e.healthy
             os.truncate(path, os.path.getsize(path) // 2)
             with pytest.raises(FlexioError):
                 await asyncio.wait_for(greedy(e, n=4), timeout=60)
+            assert not e.healthy  # the stream failed: /health turns 503
 
     run(main())
 
@@ -161,3 +163,49 @@ def test_calibration_feeds_the_auto_policy(smollm2_path, tmp_path, monkeypatch):
     p = plan_budget(gf, "40%", policy="auto", cost=cm)
     assert p.cost == cm and p.policy == min(p.predicted, key=p.predicted.get)
     assert "cost model: disk" in p.describe()
+
+
+def test_twenty_opens_and_twenty_cancels_leak_nothing(smollm2_path):
+    """No fd, thread or locked page survives repeated open/close and cancelled generations."""
+    fds0, locked0 = _fds(), locked_bytes()
+
+    async def main():
+        for _ in range(20):
+            async with Engine(smollm2_path, threads=2, budget="40%"):
+                pass
+        async with Engine(smollm2_path, threads=2, budget="40%", parallel=2) as e:
+            for _ in range(20):
+                task = asyncio.create_task(greedy(e, n=50))
+                await asyncio.sleep(0.05)
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            for _ in range(500):  # a cancelled sequence leaves at the next pass boundary
+                if e.metrics().requests_running == 0:
+                    break
+                await asyncio.sleep(0.01)
+            m = e.metrics()
+            assert m.requests_running == 0 and m.requests_total == 20
+            assert len(await greedy(e, n=3)) == 3
+
+    run(main())
+    assert _flexio_threads() == []
+    assert _fds() == fds0
+    assert locked_bytes() == locked0
+
+
+def test_a_deleted_model_file_is_said_once_and_generation_goes_on(smollm2_path, tmp_path, caplog, reference_tokens):
+    path = tmp_path / "model.gguf"
+    shutil.copyfile(smollm2_path, path)
+
+    async def main():
+        async with Engine(str(path), threads=2, budget="40%") as e:
+            os.unlink(path)
+            with caplog.at_level("WARNING", logger="flexio.engine"):
+                a = await greedy(e)
+                b = await greedy(e)
+            return a, b
+
+    a, b = run(main())
+    assert a == b == reference_tokens
+    said = [r for r in caplog.records if "was deleted while open" in r.getMessage()]
+    assert len(said) == 1

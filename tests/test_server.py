@@ -373,6 +373,7 @@ class StubEngine:
 
     model_ref, parallel, n_ctx, n_ctx_seq = "stub.gguf", 1, 8, 8
     mode = types.SimpleNamespace(name="memory")
+    healthy = True
 
     def __init__(self, gate: threading.Event, fail: Exception | None = None):
         self.gate, self.fail, self.closed = gate, fail, False
