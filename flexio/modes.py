@@ -16,6 +16,10 @@ which bytes stay in memory and when the rest is read.
              when compute needs it (no overlap of I/O and compute)
   page_cache True: weights are views of an mmap of the file and the kernel's page cache decides
              what is in memory (llama.cpp's way): no arena, no reads of ours
+  expert_cache  mixture-of-experts models: whether the budget the layers leave keeps experts cached
+             (else every expert a token uses is read when it is needed)
+  predict    mixture-of-experts models: whether the next layer's experts are predicted (its router
+             applied to this layer's input) and read ahead of their use
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ class Mode:
     policy: str | None = None
     window: int | None = None
     page_cache: bool = False
+    expert_cache: bool = True
+    predict: bool = True
     summary: str = ""
 
     @property
@@ -58,10 +64,16 @@ MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("flexinfer", "balanced", summary="balanced locking + flexible preservation (policy) + prefetch window"),
     Mode("no-preserve", "balanced", policy="mixed", summary="balanced locking, the same fraction of every tensor"),
     Mode("no-balance", "first-stages", policy="ffn", summary="whole layers locked (the first ones), the rest prefetched"),
-    Mode("prefetch-only", "none", policy="ffn", summary="nothing locked beyond the window, prefetched"),
-    Mode("no-prefetch", "balanced", window=1, summary="balanced + preservation, each stage read when needed"),
-    Mode("sync", "none", policy="ffn", window=1, summary="nothing locked, each stage read when needed, no overlap"),
+    Mode("prefetch-only", "none", policy="ffn", expert_cache=False,
+         summary="nothing locked beyond the window, prefetched"),
+    Mode("no-prefetch", "balanced", window=1, predict=False,
+         summary="balanced + preservation, each stage read when needed"),
+    Mode("sync", "none", policy="ffn", window=1, expert_cache=False, predict=False,
+         summary="nothing locked, each stage read when needed, no overlap"),
     Mode("mmap", "all", page_cache=True, summary="views of an mmap of the file: the page cache decides (llama.cpp)"),
+    # mixture-of-experts ablations (on a dense model they are flexinfer)
+    Mode("no-predict", "balanced", predict=False, summary="flexinfer, experts read only once the router picked them"),
+    Mode("no-cache", "balanced", expert_cache=False, summary="flexinfer, no expert stays cached between tokens"),
 )}
 
 

@@ -20,6 +20,13 @@ Budget accounting (bytes, all counted):
   <= budget.
 The minimum budget streams everything: vectors + window x the largest stage's spans.
 
+Mixture-of-experts models (ExpertPlan): a token uses only the experts its router picks
+(k of n per layer), so their `*_exps` tensors are not part of the stages. The stages hold
+the rest of each layer (attention; routers are always resident, with the norms); the budget
+those leave is an expert cache of equal slots, one expert's three row ranges each, spread
+evenly over the layers (balanced locking at expert granularity), plus a pool of slots for
+the reads in flight (the experts a token misses, and those predicted for the next layer).
+
 Balanced locking spreads the resident bytes so that every stage streams the same
 number of bytes (water-filling: stage s streams min(bytes_s, S), with S chosen so
 the resident total fills the budget), and within a stage the policy decides which
@@ -38,6 +45,8 @@ from .modes import MODES, POLICIES, Mode, mode as get_mode
 from .units import RESIDENT_ALIGN, aligned_span, fmt_bytes, parse_size
 
 FFN_ROLES = ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
+EXPERT_ROLES = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")  # (n_embd|ff, rows, n_expert)
+ROUTER_ROLE = "ffn_gate_inp.weight"  # (n_embd, n_expert): resident with the norms, used one layer ahead to predict
 ATTN_ROLES = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight")
 ORDER = {"ffn": FFN_ROLES + ATTN_ROLES, "attn": ATTN_ROLES + FFN_ROLES}
 
@@ -101,6 +110,85 @@ class StagePlan:
 
 
 @dataclass(frozen=True)
+class ExpertLayer:
+    """One layer's expert tensors (gate if the model has one, up, down), each (row_len, rows, n_expert):
+    expert e is rows [e * rows, (e + 1) * rows), one contiguous byte range per tensor."""
+
+    layer: int
+    tensors: tuple[TensorInfo, ...]
+    n_expert: int
+
+    def ranges(self, e: int) -> list[tuple[int, int]]:
+        """(file offset, nbytes) of expert e in each tensor."""
+        return [(t.offset + e * (t.nbytes // self.n_expert), t.nbytes // self.n_expert) for t in self.tensors]
+
+    def span_bytes(self, e: int) -> int:
+        """Bytes of the O_DIRECT reads that bring expert e (its ranges, each widened to DIRECT_ALIGN)."""
+        return sum(aligned_span(off, n)[1] for off, n in self.ranges(e))
+
+    @property
+    def expert_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors) // self.n_expert
+
+
+@dataclass(frozen=True)
+class ExpertPlan:
+    """Where a mixture-of-experts model's experts live (see the module docstring).
+
+    where: "resident" (whole tensors in the arena: memory mode), "mapped" (views of an mmap: mmap
+    mode) or "cache" (read on demand into slots of `slot_bytes`: `cached_per_layer` slots per layer
+    keep experts between tokens, `pool` more hold the reads in flight and the predicted ones).
+    """
+
+    layers: tuple[ExpertLayer, ...]
+    n_expert: int
+    n_used: int
+    where: str
+    cached_per_layer: int = 0
+    pool: int = 0
+    predict: bool = False
+    slot_bytes: int = 0
+
+    @property
+    def memory_bytes(self) -> int:
+        if self.where == "resident":
+            return sum(_pad(t.nbytes) for L in self.layers for t in L.tensors)
+        if self.where == "cache":
+            return (len(self.layers) * self.cached_per_layer + self.pool) * self.slot_bytes
+        return 0
+
+    @property
+    def hit_rate(self) -> float:
+        """The fraction of a token's experts found cached when routing is uniform (random weights; real
+        models route unevenly, and the cache keeps the popular experts: more hits)."""
+        return self.cached_per_layer / self.n_expert if self.where == "cache" else 1.0
+
+    @property
+    def expected_misses_per_token(self) -> float:
+        return len(self.layers) * self.n_used * (1.0 - self.hit_rate)
+
+    @property
+    def expected_bytes_per_token(self) -> float:
+        """Bytes one token's expert misses read (their O_DIRECT spans), at `hit_rate`."""
+        if self.where != "cache":
+            return 0.0
+        miss = self.n_used * (1.0 - self.hit_rate)
+        return sum(miss * sum(L.span_bytes(e) for e in range(L.n_expert)) / L.n_expert for L in self.layers)
+
+    def describe(self) -> str:
+        e0 = self.layers[0]
+        if self.where != "cache":
+            return (f"  experts: {self.n_used} of {self.n_expert} per token and layer, all {self.where} "
+                    f"({fmt_bytes(self.memory_bytes)})")
+        return (f"  experts: {self.n_used} of {self.n_expert} per token and layer; cache {self.cached_per_layer} "
+                f"slot(s) per layer x {len(self.layers)} layers + {self.pool} in flight, {fmt_bytes(self.slot_bytes)} "
+                f"each ({fmt_bytes(self.memory_bytes)}); an expert is {fmt_bytes(e0.expert_bytes)}; "
+                f"prediction {'on' if self.predict else 'off'}\n"
+                f"  expected per token (uniform routing): {self.expected_misses_per_token:.1f} expert reads = "
+                f"{fmt_bytes(self.expected_bytes_per_token)} (hit rate {100 * self.hit_rate:.1f}%)")
+
+
+@dataclass(frozen=True)
 class Plan:
     mode: Mode
     policy: str  # the policy used (auto resolved)
@@ -113,6 +201,7 @@ class Plan:
     model_bytes: int
     predicted: dict = field(default_factory=dict, compare=False)  # policy -> predicted s/token (auto)
     cost: CostModel | None = field(default=None, compare=False)  # the figures `predicted` came from
+    experts: ExpertPlan | None = None  # mixture-of-experts models only
 
     @property
     def resident_bytes(self) -> int:
@@ -143,11 +232,14 @@ class Plan:
     @property
     def total_bytes(self) -> int:
         """Everything the engine allocates for weights: must be <= budget."""
-        return self.resident_bytes + self.window_bytes + self.vector_bytes
+        experts = self.experts.memory_bytes if self.experts is not None else 0
+        return self.resident_bytes + self.window_bytes + self.vector_bytes + experts
 
     @property
     def streamed_bytes_per_token(self) -> int:
-        return sum(s.streamed_bytes for s in self.stages)
+        """Bytes one decode pass reads: the stages' streamed parts and, for experts, the expected misses."""
+        experts = self.experts.expected_bytes_per_token if self.experts is not None else 0.0
+        return sum(s.streamed_bytes for s in self.stages) + round(experts)
 
     @property
     def budget_use(self) -> float:
@@ -169,6 +261,8 @@ class Plan:
                 parts.append(f"{t.info.role.split('.')[0]}:{tag}")
             lines.append(f"  {s.name:>9}: resident {fmt_bytes(s.resident_bytes):>11}  streams "
                          f"{fmt_bytes(s.streamed_bytes):>11}  [{' '.join(parts)}]")
+        if self.experts is not None:
+            lines.append(self.experts.describe())
         if self.cost is not None:
             c = self.cost
             lines.append(f"  cost model: disk {c.disk_bps / 1e9:.2f} GB/s, {1e6 * c.request_s:.0f} us/request, "
@@ -232,7 +326,7 @@ def stage_tensors(gf: GGUFFile) -> list[StageTensors]:
     window's slot size.
     """
     c = gf.config
-    stages = [StageTensors("layer", i, [(0, t) for t in gf.layer_tensors(i) if len(t.shape) > 1])
+    stages = [StageTensors("layer", i, [(0, t) for t in gf.layer_tensors(i) if _streamed_by_stage(t)])
               for i in range(c.n_layer)]
     head = gf.by_name["token_embd.weight"] if c.tied_output else gf.by_name["output.weight"]
     limit = max((s.nbytes for s in stages), default=head.nbytes)
@@ -246,8 +340,14 @@ def stage_tensors(gf: GGUFFile) -> list[StageTensors]:
     return stages
 
 
+def _streamed_by_stage(t: TensorInfo) -> bool:
+    """A layer's matrices, but not its experts (ExpertPlan) nor its router (always resident)."""
+    return len(t.shape) > 1 and t.role not in EXPERT_ROLES and t.role != ROUTER_ROLE
+
+
 def _vectors(gf: GGUFFile) -> tuple[TensorInfo, ...]:
-    return tuple(t for t in gf.tensors if len(t.shape) == 1)
+    """What stays resident whatever the budget: norms, biases, MoE routers."""
+    return tuple(t for t in gf.tensors if len(t.shape) == 1 or t.role == ROUTER_ROLE)
 
 
 def _keep(tensors: list[TensorInfo], resident: int, policy: str) -> list[int]:
@@ -336,27 +436,52 @@ def _fit(gf, stages_t, mode, policy, budget, window, balanced: bool) -> Plan:
 
 def minimum_budget(gf: GGUFFile, window: int = 3) -> int:
     stages_t = stage_tensors(gf)
-    return _build(gf, stages_t, MODES["prefetch-only"], "ffn", 0, window, [0] * len(stages_t)).total_bytes
+    p = _build(gf, stages_t, MODES["prefetch-only"], "ffn", 0, window, [0] * len(stages_t))
+    ex = expert_layers(gf)
+    return p.total_bytes + (expert_pool(gf.config, 1, True) * _slot_bytes(ex) if ex else 0)
 
 
 def _whole(gf: GGUFFile, stages_t: list[StageTensors], mode: Mode, budget: int, window: int) -> Plan:
-    """The plan that keeps every tensor resident, the embedding too."""
+    """The plan that keeps every tensor of the stages resident, the embedding too."""
     p = _build(gf, stages_t, mode, "ffn", budget, window, [st.nbytes for st in stages_t])
     return replace(p, embedding_resident=True)
+
+
+def expert_layers(gf: GGUFFile) -> tuple[ExpertLayer, ...]:
+    """Each layer's expert tensors (empty for a dense model)."""
+    c = gf.config
+    n_expert = getattr(c, "n_expert", 0)
+    if not n_expert:
+        return ()
+    return tuple(ExpertLayer(i, tuple(gf.by_name[f"blk.{i}.{r}"] for r in EXPERT_ROLES if f"blk.{i}.{r}" in gf.by_name),
+                             n_expert) for i in range(c.n_layer))
+
+
+def expert_pool(c, batch: int, predict: bool) -> int:
+    """Slots for reads in flight: the experts one pass of `batch` sequences can want in a layer (k each,
+    at most all of them), and the next layer's predicted ones."""
+    return min(c.n_expert, c.n_expert_used * max(1, batch)) + (c.n_expert_used if predict else 0)
+
+
+def _slot_bytes(layers: tuple[ExpertLayer, ...]) -> int:
+    """A slot holds any layer's any expert: the largest sum of its three O_DIRECT spans."""
+    return max(L.span_bytes(e) for L in layers for e in range(L.n_expert))
 
 
 def model_footprint(gf: GGUFFile, stages_t: list[StageTensors] | None = None) -> int:
     """Bytes of weight memory the whole model takes resident (its tensors, each padded as the
     arena pads it): what a percentage budget is a percentage of, so that "100%" holds it all."""
-    return _whole(gf, stages_t if stages_t is not None else stage_tensors(gf), MODES["memory"], 0, 1).total_bytes
+    whole = _whole(gf, stages_t if stages_t is not None else stage_tensors(gf), MODES["memory"], 0, 1).total_bytes
+    return whole + sum(_pad(t.nbytes) for L in expert_layers(gf) for t in L.tensors)
 
 
 def plan_budget(gf: GGUFFile, budget: int | str, *, window: int = 3, policy: str = "auto",
-                mode: str | Mode = "flexinfer", cost: CostModel | None = None) -> Plan:
+                mode: str | Mode = "flexinfer", cost: CostModel | None = None, batch: int = 1) -> Plan:
     """Plan what stays resident for `budget` bytes of weight memory (see module docstring).
 
     The mode's properties decide the shape of the plan (modes.py); `window` and `policy`
-    are the caller's, used where the mode does not fix them.
+    are the caller's, used where the mode does not fix them. `batch`: the sequences a pass
+    carries at most (a mixture of experts needs a read slot for each expert they may want).
     """
     m = get_mode(mode)
     if policy not in POLICIES:
@@ -367,14 +492,43 @@ def plan_budget(gf: GGUFFile, budget: int | str, *, window: int = 3, policy: str
     stages_t = stage_tensors(gf)
     footprint = model_footprint(gf, stages_t)
     budget = parse_size(budget, footprint, what="budget")
+    ex = expert_layers(gf)
     if m.resident == "all" or (budget >= footprint and m.locks_beyond_window):
         # (a budget that holds the whole model keeps it all: nothing is left to stream)
         p = _whole(gf, stages_t, m, budget, window)
+        if ex:
+            c = gf.config
+            p = replace(p, experts=ExpertPlan(ex, c.n_expert, c.n_expert_used, "mapped" if m.page_cache else "resident"))
         if m.resident == "all" and not m.page_cache and p.total_bytes > budget:
             raise BudgetError(f"mode {m.name!r} keeps the whole model resident: needs {p.total_bytes:,} bytes "
                               f"({fmt_bytes(p.total_bytes)}), budget is {budget:,} ({fmt_bytes(budget)})")
         return p
     window = m.window or window
+    if not ex:
+        return _plan_stages(gf, stages_t, m, budget, window, policy, cost)
+    c = gf.config
+    predict = m.predict and window > 1
+    pool = expert_pool(c, batch, predict)
+    slot = _slot_bytes(ex)
+    left = budget - pool * slot  # for the layers' other tensors, then the expert cache
+    whole = _whole(gf, stages_t, m, left, window)
+    if m.locks_beyond_window and m.expert_cache and whole.total_bytes <= left:
+        p, cached = whole, min(c.n_expert, (left - whole.total_bytes) // (len(ex) * slot))
+    else:
+        minimum = _build(gf, stages_t, m, "ffn", 0, window, [0] * len(stages_t)).total_bytes + pool * slot
+        if budget < minimum:
+            raise BudgetError(
+                f"budget {budget:,} bytes ({fmt_bytes(budget)}) is below the minimum {minimum:,} bytes "
+                f"({fmt_bytes(minimum)}) for mode {m.name!r}: {window} x the largest stage streamed whole + norms "
+                f"and routers + {pool} expert read slots of {fmt_bytes(slot)}"
+            )
+        p, cached = _plan_stages(gf, stages_t, m, left, window, policy, cost), 0
+    return replace(p, budget=budget, experts=ExpertPlan(ex, c.n_expert, c.n_expert_used, "cache", cached, pool,
+                                                        predict, slot))
+
+
+def _plan_stages(gf, stages_t, m: Mode, budget: int, window: int, policy: str, cost: CostModel | None) -> Plan:
+    """The stages' plan for a budget that cannot hold them all (balanced, preserved by policy, per the mode)."""
     minimum = _build(gf, stages_t, m, "ffn", budget, window, [0] * len(stages_t)).total_bytes
     if budget < minimum:
         raise BudgetError(

@@ -438,7 +438,7 @@ class Reader:
 
     # --- building requests -----------------------------------------------------------------
 
-    def _make_request(self, ranges: Iterable[tuple[int, int, object]]) -> _Request:
+    def _make_request(self, ranges: Iterable[tuple[int, int, object]], urgent: bool = False) -> _Request:
         if self.engine is None:
             raise IOBackendError(f"{self.path}: reader is not open")
         req = _Request()
@@ -487,7 +487,10 @@ class Reader:
                     idx = self.engine.buf_index(base + pos, n)
                 chunks.append(_Chunk(req, offset + pos, base + pos, mv[pos : pos + n] if wants_view else None, n, need, idx))
         req.n_chunks = len(chunks)
-        self._pending.extend(chunks)
+        if urgent:  # ahead of everything queued (not of what the kernel already has in flight)
+            self._pending.extendleft(reversed(chunks))
+        else:
+            self._pending.extend(chunks)
         return req
 
     # --- the core: submit, complete, finish ----------------------------------------------
@@ -612,18 +615,19 @@ class Reader:
         loop.add_reader(self.efd, self._on_wakeup)
         self._loop = loop
 
-    async def read_ranges(self, ranges: Iterable[tuple[int, int, object]]) -> None:
+    async def read_ranges(self, ranges: Iterable[tuple[int, int, object]], urgent: bool = False) -> None:
         """Read every (file_offset, length, dest) range; returns when all bytes are in place.
 
         dest is any writable buffer (ArenaBuffer, memoryview, numpy array, mmap) of at least
         `length` bytes; with O_DIRECT, offset and dest address must be 4096-aligned and dest
         needs room for `length` rounded up to 4096.
         On cancellation, queued chunks are dropped, in-flight ones cancelled or drained,
-        and only then is CancelledError re-raised, so dest is free to reuse.
+        and only then is CancelledError re-raised, so dest is free to reuse. urgent: queue these
+        reads ahead of every read not yet submitted (compute is waiting for them).
 
         :raises IOBackendError: bad range (negative, past EOF, misaligned), I/O error, file shrank.
         """
-        req = self._make_request(ranges)
+        req = self._make_request(ranges, urgent)
         if req.n_chunks == 0:
             return
         loop = asyncio.get_running_loop()

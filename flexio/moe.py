@@ -1,0 +1,159 @@
+"""FFN input rows + router + a layer's experts -> the mixture-of-experts FFN output (llama.cpp's build_moe_ffn).
+
+The router picks k experts per token (flexio_kernels.moe: softmax over all of them, top-k,
+renormalised weights); each picked expert is a SwiGLU FFN of its own (gate, up, down row
+ranges of the layer's `*_exps` tensors, or up and down without a gate); their outputs are
+scaled by the weights and added largest-first. Every expert the rows of a pass picked is
+computed once for all the rows that picked it (its weights are read once), in whatever
+order the experts arrive from the ExpertSource (cached ones first, reads as they land):
+each output element is a single dot product, so the order changes nothing.
+
+Prediction: before layer i's FFN runs, layer i + 1's router applied to layer i's input tells
+which experts the next layer will probably want; the source starts reading them early.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from flexio_kernels import matmul, ops
+from flexio_kernels.moe import route, router_logits_one, weighted_sum
+
+from .plan import ExpertPlan
+
+F32 = 0
+
+
+class ExpertSource(Protocol):
+    """Where a layer's experts come from (flexio.experts.ExpertCache, or ResidentExperts)."""
+
+    def want(self, layer: int, ids: Sequence[int]) -> None: ...
+    def next(self, layer: int) -> tuple[int, list[np.ndarray]]: ...
+    def done(self, layer: int, e: int) -> None: ...
+    def finish(self, layer: int) -> None: ...
+    def predict(self, layer: int, ids: Sequence[int]) -> None: ...
+
+
+class ResidentExperts:
+    """Every expert in memory (the arena in memory mode, the page cache in mmap mode): nothing to wait for.
+
+    tensors: per layer, one uint8 (n_expert * rows, row_bytes) array per expert tensor (gate, up, down).
+    """
+
+    def __init__(self, plan: ExpertPlan, tensors: dict[int, list[np.ndarray]]):
+        self.plan, self.tensors = plan, tensors
+        self.out: dict[int, deque[int]] = {}
+
+    def want(self, layer: int, ids: Sequence[int]) -> None:
+        self.out[layer] = deque(int(i) for i in ids)
+
+    def next(self, layer: int) -> tuple[int, list[np.ndarray]]:
+        e = self.out[layer].popleft()
+        parts = []
+        for t in self.tensors[layer]:
+            rows = t.shape[0] // self.plan.n_expert
+            parts.append(t[e * rows : (e + 1) * rows])
+        return e, parts
+
+    def done(self, layer: int, e: int) -> None:
+        pass
+
+    def finish(self, layer: int) -> None:
+        self.out.pop(layer, None)
+
+    def predict(self, layer: int, ids: Sequence[int]) -> None:
+        pass
+
+
+@dataclass
+class MoEWeights:
+    """A layer's mixture-of-experts FFN: its router, its experts and, for prediction, the next layer's."""
+
+    layer: int
+    router: np.ndarray  # (n_expert, d) f32
+    router_raw: np.ndarray  # the same bytes as uint8 (n_expert, 4 d), for the matmul kernel
+    types: tuple[int, ...]  # ggml types of the expert tensors: (gate, up, down) or (up, down)
+    experts: ExpertSource
+    n_used: int
+    next_router: np.ndarray | None = None  # (n_expert, d) f32: layer + 1's router
+    next_norm: np.ndarray | None = None  # (d,): layer + 1's ffn_norm
+    predict: bool = True
+
+    @property
+    def has_gate(self) -> bool:
+        return len(self.types) == 3
+
+
+def router_logits(mw: MoEWeights, h: np.ndarray, single: np.ndarray) -> np.ndarray:
+    """h (n, d) -> logits (n, n_expert). Rows of one-token sequences (`single`, bool (n,)) take ggml_vec_dot_f32's
+    order, the others the F32 matmul's (tinyBLAS), as llama.cpp computes a token alone vs a batch."""
+    n = h.shape[0]
+    logits = np.empty((n, mw.router.shape[0]), np.float32)
+    if not single.all():
+        matmul(mw.router_raw, F32, h, logits, 0)
+    for r in np.flatnonzero(single):
+        router_logits_one(mw.router, h[r], logits[r])
+    return logits
+
+
+def predict_next(mw: MoEWeights, x: np.ndarray, eps: float) -> None:
+    """Start reading the experts layer + 1 will probably want: its router on this layer's input x (n, d)."""
+    if not mw.predict or mw.next_router is None:
+        return
+    h = np.empty_like(x)
+    ops.rmsnorm(x, mw.next_norm, eps, h)
+    logits = h @ mw.next_router.T  # a hint: its rounding does not matter
+    best = np.argsort(-logits, axis=1, kind="stable")[:, : mw.n_used]  # each row's k likeliest, best first
+    mw.experts.predict(mw.layer + 1, list(dict.fromkeys(best.T.reshape(-1).tolist())))  # rank by rank
+
+
+def moe_ffn(mw: MoEWeights, h: np.ndarray, single: np.ndarray, out: np.ndarray) -> None:
+    """out (n, d) = the MoE FFN of h (n, d) (the normalised FFN input), every row with its own experts."""
+    n, d = h.shape
+    k = mw.n_used
+    logits = router_logits(mw, h, single)
+    sel = np.empty((n, k), np.int64)
+    weights = np.empty((n, k), np.float32)
+    route(logits, k, sel, weights)
+    users: dict[int, list[tuple[int, int]]] = {}  # expert -> [(row, slot)], experts in order of first use
+    for r in range(n):
+        for i in range(k):
+            users.setdefault(int(sel[r, i]), []).append((r, i))
+    ys = np.empty((n, k, d), np.float32)
+    src = mw.experts
+    src.want(mw.layer, list(users))
+    try:
+        for _ in range(len(users)):
+            e, parts = src.next(mw.layer)
+            rows = users[e]
+            x = np.ascontiguousarray(h[[r for r, _ in rows]])
+            m = len(rows)
+            if mw.has_gate:
+                gate_w, up_w, down_w = parts
+                gate_t, up_t, down_t = mw.types
+            else:
+                (up_w, down_w), (up_t, down_t) = parts, mw.types
+            ff = up_w.shape[0]
+            up = np.empty((m, ff), np.float32)
+            matmul(up_w, up_t, x, up, 0)
+            if mw.has_gate:
+                gate = np.empty((m, ff), np.float32)
+                matmul(gate_w, gate_t, x, gate, 0)
+                ops.swiglu(gate, up)
+                act = gate
+            else:  # no gate tensor: silu(up), as llama.cpp (swiglu with a gate of ones: x * 1 is x)
+                act = up
+                ops.swiglu(act, np.ones_like(act))
+            y = np.empty((m, d), np.float32)
+            matmul(down_w, down_t, act, y, 0)
+            src.done(mw.layer, e)
+            for j, (r, i) in enumerate(rows):
+                ys[r, i] = y[j]
+    finally:
+        src.finish(mw.layer)
+    weighted_sum(ys, weights, out)
