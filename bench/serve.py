@@ -33,6 +33,8 @@ import time
 from flexio.errors import ParameterError
 from flexio.fetch import model_path
 
+from .plot import figure, save
+
 HELP = "aggregate decode tok/s of the HTTP server vs concurrent streaming clients (continuous batching)"
 
 PROMPTS = [
@@ -195,24 +197,13 @@ def _median_lines(reps: list[list[dict]]) -> list[dict]:
 
 
 def _plot(curves: dict[str, list[dict]], title: str, out: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = figure((7, 4.5))
     for label, lines in curves.items():
         ax.plot([x["concurrency"] for x in lines], [x["aggregate_decode_tok_s"] for x in lines], marker="o",
                 label=label)
     ax.set_xlabel("concurrent streaming requests")
     ax.set_ylabel("aggregate decode tokens/s")
-    ax.grid(True, alpha=0.3)
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save(fig, ax, title, out)
 
 
 async def _bench(args: argparse.Namespace) -> int:

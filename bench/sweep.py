@@ -54,6 +54,7 @@ from flexio.units import fmt_bytes, parse_size
 
 from .cgroup import MemCgroup, cgroup_unavailable, drop_caches
 from .disk import pieces
+from .plot import figure, save
 from .point import cpu_steal_seconds
 
 HELP = "decode tok/s vs memory budget for each mode, with a PNG plot"  # one line for `flexio --help`
@@ -205,12 +206,7 @@ def _fit_r2(xs: list[float], ys: list[float]) -> float | None:
 
 
 def _plot(points: list[dict], bound: dict[str, list[tuple[float, float]]], title: str, out: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = figure()
     modes = sorted({p["mode"] for p in points})
     for m in modes:
         pts = sorted((p["budget_frac"], p["decode_tok_s"]) for p in points if p["mode"] == m and p.get("decode_tok_s"))
@@ -223,13 +219,7 @@ def _plot(points: list[dict], bound: dict[str, list[tuple[float, float]]], title
     ax.set_xlabel("memory budget (% of model weights)")
     ax.set_ylabel("decode tokens/s")
     ax.set_yscale("log")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save(fig, ax, title, out)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,9 +11,8 @@ import threading
 import time
 
 from .fetch import DEFAULT_MODEL
-from .modes import MODES, POLICIES
+from .options import add_engine_arguments, engine_kwargs
 from .sampling import SamplingParams
-from .units import SIZE_HELP
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,19 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-generation tokens "
                    "(as llama.cpp's --ignore-eos: benchmarks get exactly -n tokens)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--threads", type=int, default=None,
-                   help="compute threads: 1..the number of cores; 0 or unset = all cores")
     p.add_argument("-c", "--ctx", type=int, default=None,
                    help="context length in tokens; 0 = the model's own (default: the model's own, at most 4096)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
-    p.add_argument("--budget", default=None,
-                   help=f"memory for weights, e.g. 1.5GiB, 800MB, 25%% of the model ({SIZE_HELP}; "
-                        "default: the whole model, mode memory)")
-    p.add_argument("--mode", default=None, choices=list(MODES), help="weight residency mode (default: flexinfer with "
-                   "--budget, else memory)")
-    p.add_argument("--window", type=int, default=3, help="layers prefetched ahead of compute, >= 1 (default: %(default)s)")
-    p.add_argument("--policy", default="auto", choices=POLICIES, help="which tensors stay resident (default: auto)")
-    p.add_argument("--io-backend", default="auto", choices=("auto", "io_uring", "threads"))
+    add_engine_arguments(p)
     p.add_argument("--show-plan", action="store_true", help="print the memory plan to stderr before generating")
 
 
@@ -86,7 +76,7 @@ class Status:
                 from numba.core.config import CACHE_DIR
 
                 name = f"loaded kernels (cached in {CACHE_DIR or 'the package'}: the next run starts faster)"
-            self.console.print(f"flexio: {name}: {took:.1f} s")
+            self.console.print(f"flexio: {name}: {took:.1f} s", soft_wrap=True)
         self.step = None
 
     def done(self) -> None:
@@ -102,8 +92,7 @@ async def _generate(args: argparse.Namespace) -> dict:
 
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     status = Status() if not args.json else None
-    e = Engine(args.model, threads=args.threads, n_ctx=args.ctx, budget=args.budget, mode=args.mode,
-               window=args.window, policy=args.policy, io_backend=args.io_backend, progress=status)
+    e = Engine(args.model, n_ctx=args.ctx, progress=status, **engine_kwargs(args))
     try:
         try:
             await e.open()

@@ -20,8 +20,7 @@ import sys
 
 from .errors import FlexioError, ParameterError
 from .fetch import DEFAULT_MODEL
-from .modes import MODES, POLICIES
-from .units import SIZE_HELP
+from .options import add_engine_arguments, engine_kwargs
 
 GRACEFUL_SHUTDOWN_S = 5.0  # in-flight requests still running this long after Ctrl-C/SIGTERM are cancelled
 
@@ -47,16 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=os.environ.get("FLEXIO_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' on every route but /health "
                         "(default: $FLEXIO_API_KEY, else none)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="compute threads: 1..the number of cores; 0 or unset = all cores")
-    p.add_argument("--budget", default=None,
-                   help=f"memory for weights, e.g. 1.5GiB, 800MB, 25%% of the model ({SIZE_HELP}; "
-                        "default: the whole model, mode memory)")
-    p.add_argument("--mode", default=None, choices=list(MODES), help="weight residency mode (default: flexinfer with "
-                   "--budget, else memory)")
-    p.add_argument("--window", type=int, default=3, help="layers prefetched ahead of compute, >= 1 (default: %(default)s)")
-    p.add_argument("--policy", default="auto", choices=POLICIES, help="which tensors stay resident (default: auto)")
-    p.add_argument("--io-backend", default="auto", choices=("auto", "io_uring", "threads"))
+    add_engine_arguments(p)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -117,8 +107,7 @@ def run(args: argparse.Namespace) -> int:
 
     log = _log_to_stderr()
     # Every parameter is checked here, before the port is taken and before anything loads.
-    engine = Engine(args.model, budget=args.budget, mode=args.mode, threads=args.threads, n_ctx=args.n_ctx,
-                    parallel=args.parallel, window=args.window, policy=args.policy, io_backend=args.io_backend,
+    engine = Engine(args.model, n_ctx=args.n_ctx, parallel=args.parallel, **engine_kwargs(args),
                     progress=lambda what: log.info("%s ...", what))
     failure: list[BaseException] = []
     server = None
