@@ -109,7 +109,7 @@ PRESETS: dict[str, Preset] = {
                           rope_freqs=True),
     "tiny-mistral": Preset("llama", 3, 512, 1536, 4, 2, 2048, 1000000.0, 1e-5, False, head_dim=96,
                            vocab="mistral", n_vocab=32768),
-    "tiny-qwen3": Preset("qwen3", 3, 512, 1536, 8, 2, 2048, 1000000.0, 1e-6, True, head_dim=128, vocab="qwen3",
+    "tiny-qwen3": Preset("qwen3", 3, 512, 1536, 8, 2, 2048, 1000000.0, 1e-6, False, head_dim=128, vocab="qwen3",
                          n_vocab=32768),
     "tiny-gemma3": Preset("gemma3", 6, 512, 1024, 4, 2, 2048, 1000000.0, 1e-6, True, head_dim=192, vocab="gemma3",
                           n_vocab=32768, rope_scaling=("linear", 8.0), swa=(16, None), rope_base_swa=10000.0),
@@ -270,9 +270,16 @@ def _raw(rng: np.random.Generator, nbytes: int) -> np.ndarray:
     return rng.bit_generator.random_raw(n64).view(np.uint8)[:nbytes]
 
 
-def _f16_scales(rng: np.random.Generator, n: int, target: float) -> np.ndarray:
-    """n positive F16 scales around `target` (x0.75..x1.25), as raw bytes (n, 2)."""
-    s = target * (0.75 + 0.5 * _raw(rng, n).astype(np.float32) / 255.0)
+def _f16_scales(rng: np.random.Generator, n: int, target: float, signed: bool = False) -> np.ndarray:
+    """n F16 scales around `target` (x0.75..x1.25), as raw bytes (n, 2); signed: half of them negative.
+
+    Q4_0, Q5_0 and Q8_0 quants are uniform over an even number of levels around an offset, so their
+    mean is -d/2 (11 % of the std for Q4_0): a random sign per block removes that common direction,
+    which would otherwise make every layer add the same vector (and a random model repeat one token)."""
+    r = _raw(rng, n)
+    s = target * (0.75 + 0.5 * (r >> 1).astype(np.float32) / 127.0)
+    if signed:
+        s = np.where(r & 1, -s, s)
     return s.astype(np.float16).view(np.uint8).reshape(n, 2)
 
 
@@ -314,15 +321,15 @@ def random_blocks(rng: np.random.Generator, ggml_type: str, n_weights: int, std:
     f = lambda name: _field(L, name)  # noqa: E731
     u = lambda levels: np.sqrt((levels**2 - 1) / 12.0)  # noqa: E731  std of a uniform integer over `levels` values
     if ggml_type == "Q4_0":
-        b[:, f("d")] = _f16_scales(rng, n, std / u(16))
+        b[:, f("d")] = _f16_scales(rng, n, std / u(16), signed=True)
     elif ggml_type == "Q4_1":
         d = _f16_scales(rng, n, std / u(16))
         b[:, f("d")] = d
         b[:, f("m")] = (-7.5 * d.view(np.float16).astype(np.float32)).astype(np.float16).view(np.uint8)  # centre q in 0..15
     elif ggml_type == "Q5_0":
-        b[:, f("d")] = _f16_scales(rng, n, std / u(32))
+        b[:, f("d")] = _f16_scales(rng, n, std / u(32), signed=True)
     elif ggml_type == "Q8_0":
-        b[:, f("d")] = _f16_scales(rng, n, std / u(256))
+        b[:, f("d")] = _f16_scales(rng, n, std / u(256), signed=True)
     elif ggml_type in ("Q4_K", "Q5_K"):
         levels = 16 if ggml_type == "Q4_K" else 32
         sc = 32 + (_raw(rng, n * 8).reshape(n, 8) & 31)  # 6-bit sub-block scales in 32..63
@@ -450,11 +457,15 @@ def synthesize(
     n_layer: int | None = None,
     progress: bool = False,
     copy_tokenizer: bool = False,
+    extra_keys: dict[str, Any] | None = None,
+    extra_tensors: tuple[TensorSpec, ...] = (),
 ) -> str:
     """Write a synthetic GGUF shaped like preset `like` with weights of type `quant`; returns `out`.
 
     The tokenizer is built in the preset's kind from SmolLM2's (or `tokenizer_from`'s) tokens, or
     copied from `tokenizer_from` as it is for the llama2/qwen2 presets or with copy_tokenizer=True.
+    extra_keys (name -> int, float or str) and extra_tensors add what a variant of the family has
+    (tests: gemma's final_logit_softcapping, llama's optional biases).
     """
     from gguf import GGMLQuantizationType, GGUFWriter, GGML_QUANT_SIZES
 
@@ -481,8 +492,15 @@ def synthesize(
         v.write(w)
         n_vocab = len(v.tokens)
     w.add_uint32(f"{p.arch}.vocab_size", n_vocab)
+    for key, value in (extra_keys or {}).items():
+        if isinstance(value, str):
+            w.add_string(key, value)
+        elif isinstance(value, float):
+            w.add_float32(key, value)
+        else:
+            w.add_uint32(key, value)
 
-    specs = plan_tensors(p, quant, n_vocab)
+    specs = plan_tensors(p, quant, n_vocab) + list(extra_tensors)
     total = 0
     for s in specs:
         qt = GGMLQuantizationType[s.ggml_type]

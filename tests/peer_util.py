@@ -32,8 +32,11 @@ def _pick(logits: np.ndarray) -> tuple[int, float]:
 _quiet = None
 
 
-def llama_greedy(path: str, prompt: list[int], n: int, n_ctx: int = 256, threads: int = 2) -> Run:
-    """llama.cpp: prompt in one decode call, then n - 1 greedy steps."""
+def llama_greedy(path: str, prompt: list[int], n: int, n_ctx: int = 256, threads: int = 1) -> Run:
+    """llama.cpp: prompt in one decode call, then n - 1 greedy steps.
+
+    One thread: llama.cpp's results do not depend on the thread count (each output element is computed
+    by one thread in a fixed order), and its spinning worker threads crawl on a shared 2-core machine."""
     global _quiet
     import llama_cpp.llama_cpp as C
 
@@ -109,4 +112,5 @@ def compare(ref: Run, ours: Run, rel: float = 1e-2) -> str:
                                                f"(not a near-tie); tokens so far {ref.tokens[:i]}")
             return f"near-tie at step {i} (llama.cpp margin {ref.margins[i]:.4f})"
     assert len(ours.tokens) == len(ref.tokens), (len(ours.tokens), len(ref.tokens))
-    return f"identical ({len(ref.tokens)} tokens, max first-logit diff {err:.2g} of {scale:.3g})"
+    return (f"identical ({len(ref.tokens)} tokens, {len(set(ref.tokens))} distinct, smallest margin "
+            f"{min(ref.margins):.3g}; max first-logit diff {err:.2g} of {scale:.3g})")
