@@ -1,8 +1,13 @@
 """Preset name + quant type -> synthetic GGUF file with real shapes and random, finite weights.
 
 Used to benchmark streaming on models that are not available offline (Llama-2 7B/13B,
-Llama-3 8B, Qwen2 0.5B): the tensor table, metadata and byte sizes are those of a
-real llama.cpp conversion; the tokenizer is copied from SmolLM2's GGUF (49152 tokens).
+Llama-3 8B/70B, Qwen3 8B/32B, Gemma-3 12B/27B, Phi-3-mini, Qwen2 0.5B) and to test every
+family against llama.cpp on tiny models (`tiny-<family>`): the tensor table, metadata and
+byte sizes are those of a real llama.cpp conversion and quantization (llama.cpp's Q4_0 and
+Q4_K_M type rules, `tensor_type`). The tokenizer is copied from SmolLM2's GGUF (49152
+tokens) for the llama2/qwen2 presets, and for the others built from it in the family's kind
+and real size (bench/vocab.py: 128k llama 3, 151k qwen3, 262k gemma3, 32k phi3 / mistral),
+so that the embedding and output matrices have their real byte sizes.
 
 Weights are random but sane. Float tensors are uniform with std 0.02 (norms ~1).
 Quantized tensors are written block by block: random bytes for the quant payload
@@ -19,10 +24,11 @@ kernels read too: synth writes the scale fields (`d`, `m`, `dmin`, `scales`) by 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -32,6 +38,8 @@ from flexio.fetch import model_path
 from flexio.gguf import read_metadata
 from flexio_kernels.layouts import LAYOUTS, Layout
 
+from .vocab import REAL_SIZE, family_vocab
+
 HELP = "write a synthetic GGUF with real shapes and random weights"  # one line for `flexio --help`
 
 # --- presets ----------------------------------------------------------------------------
@@ -39,9 +47,9 @@ HELP = "write a synthetic GGUF with real shapes and random weights"  # one line 
 
 @dataclass(frozen=True)
 class Preset:
-    """Hyper-parameters of one model shape (vocab comes from the tokenizer file)."""
+    """Hyper-parameters of one model shape, and what its real files carry beside the weights."""
 
-    arch: str  # "llama" | "qwen2"
+    arch: str  # "llama" | "qwen2" | "qwen3" | "gemma3" | "phi3"
     n_layer: int
     n_embd: int
     n_ff: int
@@ -51,26 +59,66 @@ class Preset:
     rope_base: float
     norm_eps: float
     tied_output: bool
-    head_dim: int = field(init=False)
+    head_dim: int = 0  # attention.key_length; 0: n_embd // n_head
+    vocab: str = "smollm2"  # "smollm2": copy its tokenizer; else a bench/vocab.py kind built from it
+    n_vocab: int = 0  # tokens of a built vocabulary (0: the kind's real size)
+    rope_freqs: bool = False  # llama 3.1's rope_freqs tensor (factor 8, low 1, high 4, original 8192)
+    rope_scaling: tuple[str, float] | None = None  # (rope.scaling.type, rope.scaling.factor)
+    longrope: tuple[int, float] | None = None  # phi3 LongRoPE: (original context, attn_factor), factor tensors
+    swa: tuple[int, int | None] | None = None  # gemma3: (sliding window, pattern key or None: the default 6)
+    rope_base_swa: float = 10000.0
+    qkv_fused: bool = False  # one attn_qkv matrix (phi3)
+    extra_keys: tuple[tuple[str, int], ...] = ()  # uint32 keys the real files have but llama.cpp ignores
 
     def __post_init__(self) -> None:
-        assert self.n_embd % self.n_head == 0, "n_embd must be a multiple of n_head"
+        assert self.head_dim or self.n_embd % self.n_head == 0, "n_embd must be a multiple of n_head"
         assert self.n_head % self.n_head_kv == 0, "n_head must be a multiple of n_head_kv"
-        object.__setattr__(self, "head_dim", self.n_embd // self.n_head)
+        if not self.head_dim:
+            object.__setattr__(self, "head_dim", self.n_embd // self.n_head)
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_head * self.head_dim
 
     @property
     def kv_dim(self) -> int:
         return self.n_head_kv * self.head_dim
 
 
+_GEMMA3 = dict(rope_scaling=("linear", 8.0), swa=(1024, None), rope_base_swa=10000.0, vocab="gemma3")
 PRESETS: dict[str, Preset] = {
     "llama2-7b": Preset("llama", 32, 4096, 11008, 32, 32, 4096, 10000.0, 1e-5, False),
     "llama2-13b": Preset("llama", 40, 5120, 13824, 40, 40, 4096, 10000.0, 1e-5, False),
-    "llama3-8b": Preset("llama", 32, 4096, 14336, 32, 8, 8192, 500000.0, 1e-5, False),
+    "llama3-8b": Preset("llama", 32, 4096, 14336, 32, 8, 131072, 500000.0, 1e-5, False, vocab="llama3",
+                        rope_freqs=True),
+    "llama3-70b": Preset("llama", 80, 8192, 28672, 64, 8, 131072, 500000.0, 1e-5, False, vocab="llama3",
+                         rope_freqs=True),
+    "qwen3-8b": Preset("qwen3", 36, 4096, 12288, 32, 8, 40960, 1000000.0, 1e-6, False, head_dim=128, vocab="qwen3"),
+    "qwen3-32b": Preset("qwen3", 64, 5120, 25600, 64, 8, 40960, 1000000.0, 1e-6, False, head_dim=128, vocab="qwen3"),
+    "gemma3-12b": Preset("gemma3", 48, 3840, 15360, 16, 8, 131072, 1000000.0, 1e-6, True, head_dim=256, **_GEMMA3),
+    "gemma3-27b": Preset("gemma3", 62, 5376, 21504, 32, 16, 131072, 1000000.0, 1e-6, True, head_dim=128, **_GEMMA3),
+    # Phi-3-mini-128k-instruct: LongRoPE over an original 4k context (attn_factor sqrt(1 + ln 32 / ln 4096))
+    "phi3-mini": Preset("phi3", 32, 3072, 8192, 32, 32, 131072, 10000.0, 1e-5, False, vocab="phi3",
+                        longrope=(4096, 1.1902380714238083), qkv_fused=True, extra_keys=(("attention.sliding_window", 262144),)),
     "qwen2-0.5b": Preset("qwen2", 24, 896, 4864, 14, 2, 32768, 1000000.0, 1e-6, True),
     "tiny-llama": Preset("llama", 2, 256, 512, 4, 2, 2048, 10000.0, 1e-5, False),
     "tiny-qwen2": Preset("qwen2", 2, 256, 512, 4, 2, 2048, 1000000.0, 1e-6, True),
+    # tiny models of each family for the differential tests: 512+ wide (ulp-level differences show),
+    # every tensor kind the family's real files have, small vocabularies of the family's kind
+    "tiny-llama3": Preset("llama", 3, 512, 1536, 8, 2, 2048, 500000.0, 1e-5, False, vocab="llama3", n_vocab=32000,
+                          rope_freqs=True),
+    "tiny-mistral": Preset("llama", 3, 512, 1536, 4, 2, 2048, 1000000.0, 1e-5, False, head_dim=96,
+                           vocab="mistral", n_vocab=32768),
+    "tiny-qwen3": Preset("qwen3", 3, 512, 1536, 8, 2, 2048, 1000000.0, 1e-6, False, head_dim=128, vocab="qwen3",
+                         n_vocab=32768),
+    "tiny-gemma3": Preset("gemma3", 6, 512, 1024, 4, 2, 2048, 1000000.0, 1e-6, True, head_dim=192, vocab="gemma3",
+                          n_vocab=32768, rope_scaling=("linear", 8.0), swa=(16, None), rope_base_swa=10000.0),
+    "tiny-phi3": Preset("phi3", 3, 768, 1536, 8, 8, 4096, 10000.0, 1e-5, False, vocab="phi3", n_vocab=32064,
+                        longrope=(256, 1.224744871391589), qkv_fused=True, extra_keys=(("attention.sliding_window", 2047),)),
 }
+# shapes of the published models these presets copy (HF configs; llama.cpp's conversion): parameter counts
+# are checked in tests/test_synth.py
+
 
 # --- quant types ------------------------------------------------------------------------
 
@@ -100,14 +148,27 @@ def _use_more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def tensor_type(quant: str, name: str, layer: int | None, n_layer: int, row_len: int) -> str:
-    """GGML type name for one tensor. Vectors (norms, biases) are always F32."""
-    base = QUANTS[quant][0]
-    t = base
-    if quant == "q4_k_m":
-        if name == "output.weight":
-            t = "Q6_K"
-        elif layer is not None and name.endswith(("attn_v.weight", "ffn_down.weight")) and _use_more_bits(layer, n_layer):
+# mixes whose output matrix (and a tied embedding) llama.cpp makes Q6_K (src/llama-quant.cpp: the OUTPUT
+# category becomes Q6_K unless the mix is already Q8_0 or better)
+_OUTPUT_Q6_K = ("q4_0", "q4_1", "q5_0", "q4_k", "q5_k", "q4_k_m")
+
+
+def tensor_type(quant: str, name: str, layer: int | None, n_layer: int, row_len: int, *, tied: bool = False,
+                llama_70b: bool = False) -> str:
+    """GGML type name of one matrix in a file of mix `quant`, by llama.cpp's rules (llama_tensor_get_type):
+
+    output.weight, and token_embd.weight when the output is tied to it: Q6_K in the quantized mixes;
+    Q4_K_M: attn_v / attn_qkv and ffn_down Q6_K in the use_more_bits layers, the other attn_v Q5_K in
+    a llama 70B (80 layers, grouped-query attention); K-quants fall back to a 32-block type for rows
+    that are not a multiple of 256. Vectors (norms, biases, rope factors) are always F32.
+    """
+    t = QUANTS[quant][0]
+    if (name == "output.weight" or (tied and name == "token_embd.weight")) and quant in _OUTPUT_Q6_K:
+        t = "Q6_K"
+    elif quant == "q4_k_m" and layer is not None:
+        if name.endswith(("attn_v.weight", "attn_qkv.weight")):
+            t = "Q6_K" if _use_more_bits(layer, n_layer) else ("Q5_K" if llama_70b else t)
+        elif name.endswith("ffn_down.weight") and _use_more_bits(layer, n_layer):
             t = "Q6_K"
     if t in _K_FALLBACK and row_len % 256:
         t = _K_FALLBACK[t]
@@ -122,34 +183,82 @@ class TensorSpec:
     name: str
     shape: tuple[int, ...]  # GGUF order: shape[0] is the row length
     ggml_type: str  # "F32", "Q4_0", ...
-    kind: str  # "weight" | "norm" | "bias"
+    kind: str  # "weight" | "norm" | "bias" | "factors"
+    std: float = WEIGHT_STD
 
 
 def plan_tensors(p: Preset, quant: str, vocab: int) -> list[TensorSpec]:
     """Every tensor of the model in llama.cpp's file order, with its type."""
-    d, kv, ff = p.n_embd, p.kv_dim, p.n_ff
+    d, q, kv, ff, hd = p.n_embd, p.q_dim, p.kv_dim, p.n_ff, p.head_dim
+    llama_70b = p.arch == "llama" and p.n_layer == 80 and p.n_head != p.n_head_kv
 
     def w(name: str, shape: tuple[int, ...], layer: int | None = None) -> TensorSpec:
-        return TensorSpec(name, shape, tensor_type(quant, name, layer, p.n_layer, shape[0]), "weight")
+        return TensorSpec(name, shape, tensor_type(quant, name, layer, p.n_layer, shape[0], tied=p.tied_output,
+                                                   llama_70b=llama_70b), "weight")
 
-    specs = [w("token_embd.weight", (d, vocab))]
+    def vec(name: str, n: int, kind: str = "norm") -> TensorSpec:
+        return TensorSpec(name, (n,), "F32", kind)
+
+    specs = []
+    if p.rope_freqs:
+        specs.append(vec("rope_freqs.weight", hd // 2, "factors"))
+    if p.longrope:
+        specs += [vec("rope_factors_long.weight", hd // 2, "factors"), vec("rope_factors_short.weight", hd // 2, "factors")]
+    specs.append(w("token_embd.weight", (d, vocab)))
     for i in range(p.n_layer):
         b = f"blk.{i}."
-        specs.append(TensorSpec(b + "attn_norm.weight", (d,), "F32", "norm"))
-        specs += [w(b + "attn_q.weight", (d, d), i), w(b + "attn_k.weight", (d, kv), i), w(b + "attn_v.weight", (d, kv), i)]
+        specs.append(vec(b + "attn_norm.weight", d))
+        if p.qkv_fused:
+            specs.append(w(b + "attn_qkv.weight", (d, q + 2 * kv), i))
+        else:
+            specs += [w(b + "attn_q.weight", (d, q), i), w(b + "attn_k.weight", (d, kv), i), w(b + "attn_v.weight", (d, kv), i)]
         if p.arch == "qwen2":
-            specs += [
-                TensorSpec(b + "attn_q.bias", (d,), "F32", "bias"),
-                TensorSpec(b + "attn_k.bias", (kv,), "F32", "bias"),
-                TensorSpec(b + "attn_v.bias", (kv,), "F32", "bias"),
-            ]
-        specs.append(w(b + "attn_output.weight", (d, d), i))
-        specs.append(TensorSpec(b + "ffn_norm.weight", (d,), "F32", "norm"))
-        specs += [w(b + "ffn_gate.weight", (d, ff), i), w(b + "ffn_up.weight", (d, ff), i), w(b + "ffn_down.weight", (ff, d), i)]
-    specs.append(TensorSpec("output_norm.weight", (d,), "F32", "norm"))
+            specs += [vec(b + "attn_q.bias", q, "bias"), vec(b + "attn_k.bias", kv, "bias"), vec(b + "attn_v.bias", kv, "bias")]
+        specs.append(w(b + "attn_output.weight", (q, d), i))
+        if p.arch in ("qwen3", "gemma3"):
+            specs += [vec(b + "attn_q_norm.weight", hd), vec(b + "attn_k_norm.weight", hd)]
+        if p.arch == "gemma3":
+            specs.append(vec(b + "post_attention_norm.weight", d))
+        specs.append(vec(b + "ffn_norm.weight", d))
+        if p.arch == "phi3":  # gate and up fused: 2 * n_ff rows, the gate's first
+            specs += [w(b + "ffn_up.weight", (d, 2 * ff), i), w(b + "ffn_down.weight", (ff, d), i)]
+        else:
+            specs += [w(b + "ffn_gate.weight", (d, ff), i), w(b + "ffn_up.weight", (d, ff), i),
+                      w(b + "ffn_down.weight", (ff, d), i)]
+        if p.arch == "gemma3":
+            specs.append(vec(b + "post_ffw_norm.weight", d))
+    specs.append(vec("output_norm.weight", d))
     if not p.tied_output:
         specs.append(w("output.weight", (d, vocab)))
     return specs
+
+
+def rope_factors(p: Preset, name: str) -> np.ndarray:
+    """The frequency-factor vectors of a preset, (head_dim / 2,) f32, as the converters compute them.
+
+    rope_freqs: llama 3.1's (conversion/llama.py: factor 8, low_freq_factor 1, high_freq_factor 4,
+    original context 8192); LongRoPE's long / short sets: smooth rising factors like Phi-3's
+    (short 1..~1.9, long 1..~40 over the pairs).
+    """
+    half = p.head_dim // 2
+    if name == "rope_freqs.weight":
+        factor, low, high, old_ctx = 8.0, 1.0, 4.0, 8192
+        freqs = 1.0 / (p.rope_base ** (np.arange(0, p.head_dim, 2, dtype=np.float64) / p.head_dim))
+        out = []
+        for f in freqs:
+            wavelen = 2 * math.pi / f
+            if wavelen < old_ctx / high:
+                out.append(1.0)
+            elif wavelen > old_ctx / low:
+                out.append(factor)
+            else:
+                smooth = (old_ctx / wavelen - low) / (high - low)
+                out.append(1 / ((1 - smooth) / factor + smooth))
+        return np.asarray(out, np.float32)
+    x = np.linspace(0.0, 1.0, half)
+    if name == "rope_factors_short.weight":
+        return (1.0 + 0.9 * x**2).astype(np.float32)
+    return (1.0 + 39.0 * x**3).astype(np.float32)
 
 
 # --- random data ------------------------------------------------------------------------
@@ -161,9 +270,16 @@ def _raw(rng: np.random.Generator, nbytes: int) -> np.ndarray:
     return rng.bit_generator.random_raw(n64).view(np.uint8)[:nbytes]
 
 
-def _f16_scales(rng: np.random.Generator, n: int, target: float) -> np.ndarray:
-    """n positive F16 scales around `target` (x0.75..x1.25), as raw bytes (n, 2)."""
-    s = target * (0.75 + 0.5 * _raw(rng, n).astype(np.float32) / 255.0)
+def _f16_scales(rng: np.random.Generator, n: int, target: float, signed: bool = False) -> np.ndarray:
+    """n F16 scales around `target` (x0.75..x1.25), as raw bytes (n, 2); signed: half of them negative.
+
+    Q4_0, Q5_0 and Q8_0 quants are uniform over an even number of levels around an offset, so their
+    mean is -d/2 (11 % of the std for Q4_0): a random sign per block removes that common direction,
+    which would otherwise make every layer add the same vector (and a random model repeat one token)."""
+    r = _raw(rng, n)
+    s = target * (0.75 + 0.5 * (r >> 1).astype(np.float32) / 127.0)
+    if signed:
+        s = np.where(r & 1, -s, s)
     return s.astype(np.float16).view(np.uint8).reshape(n, 2)
 
 
@@ -205,15 +321,15 @@ def random_blocks(rng: np.random.Generator, ggml_type: str, n_weights: int, std:
     f = lambda name: _field(L, name)  # noqa: E731
     u = lambda levels: np.sqrt((levels**2 - 1) / 12.0)  # noqa: E731  std of a uniform integer over `levels` values
     if ggml_type == "Q4_0":
-        b[:, f("d")] = _f16_scales(rng, n, std / u(16))
+        b[:, f("d")] = _f16_scales(rng, n, std / u(16), signed=True)
     elif ggml_type == "Q4_1":
         d = _f16_scales(rng, n, std / u(16))
         b[:, f("d")] = d
         b[:, f("m")] = (-7.5 * d.view(np.float16).astype(np.float32)).astype(np.float16).view(np.uint8)  # centre q in 0..15
     elif ggml_type == "Q5_0":
-        b[:, f("d")] = _f16_scales(rng, n, std / u(32))
+        b[:, f("d")] = _f16_scales(rng, n, std / u(32), signed=True)
     elif ggml_type == "Q8_0":
-        b[:, f("d")] = _f16_scales(rng, n, std / u(256))
+        b[:, f("d")] = _f16_scales(rng, n, std / u(256), signed=True)
     elif ggml_type in ("Q4_K", "Q5_K"):
         levels = 16 if ggml_type == "Q4_K" else 32
         sc = 32 + (_raw(rng, n * 8).reshape(n, 8) & 31)  # 6-bit sub-block scales in 32..63
@@ -240,10 +356,12 @@ def random_floats(rng: np.random.Generator, n: int, kind: str, std: float = WEIG
     return r * np.float32(std)
 
 
-def tensor_data(rng: np.random.Generator, spec: TensorSpec) -> np.ndarray:
+def tensor_data(rng: np.random.Generator, spec: TensorSpec, p: Preset | None = None) -> np.ndarray:
     """Bytes (or floats) for one tensor, in numpy order (rows, row_len or row_bytes)."""
     n = int(np.prod(spec.shape))
     rows = n // spec.shape[0]
+    if spec.kind == "factors":
+        return rope_factors(p, spec.name).reshape(1, -1)
     if spec.ggml_type == "F32":
         return random_floats(rng, n, spec.kind).reshape(rows, spec.shape[0])
     if spec.ggml_type == "F16":
@@ -293,32 +411,10 @@ def _copy_tokenizer(writer, path: str) -> int:
 # --- writer -----------------------------------------------------------------------------
 
 
-def synthesize(
-    like: str,
-    quant: str,
-    out: str,
-    seed: int = 0,
-    tokenizer_from: str | None = None,
-    n_layer: int | None = None,
-    progress: bool = False,
-) -> str:
-    """Write a synthetic GGUF shaped like preset `like` with weights of type `quant`; returns `out`."""
+def _write_metadata(w, p: Preset, like: str, quant: str) -> None:
+    """The hyper-parameter keys a llama.cpp conversion of this family writes."""
     import gguf
-    from gguf import GGMLQuantizationType, GGUFWriter
 
-    if like not in PRESETS:
-        raise FlexioError(f"unknown preset {like!r} (known: {', '.join(PRESETS)})")
-    if quant not in QUANTS:
-        raise FlexioError(f"unknown quant {quant!r} (known: {', '.join(QUANTS)})")
-    p = PRESETS[like]
-    if n_layer is not None:
-        if n_layer <= 0:
-            raise FlexioError(f"n_layer must be positive, got {n_layer}")
-        p = Preset(p.arch, n_layer, p.n_embd, p.n_ff, p.n_head, p.n_head_kv, p.n_ctx, p.rope_base, p.norm_eps, p.tied_output)
-    src = tokenizer_source(tokenizer_from)
-
-    tmp = out + ".part"
-    w = GGUFWriter(tmp, p.arch)
     a = p.arch
     w.add_string("general.name", f"flexio-synth {like} {quant}")
     w.add_string("general.type", "model")
@@ -330,17 +426,85 @@ def synthesize(
     w.add_uint32(f"{a}.attention.head_count_kv", p.n_head_kv)
     w.add_float32(f"{a}.rope.freq_base", p.rope_base)
     w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", p.norm_eps)
-    w.add_uint32(f"{a}.rope.dimension_count", p.head_dim)
+    if a in ("llama", "qwen2", "phi3"):
+        w.add_uint32(f"{a}.rope.dimension_count", p.head_dim)
+    if a in ("qwen3", "gemma3") or p.head_dim != p.n_embd // p.n_head:
+        w.add_uint32(f"{a}.attention.key_length", p.head_dim)
+        w.add_uint32(f"{a}.attention.value_length", p.head_dim)
+    if p.rope_scaling is not None:
+        w.add_string(f"{a}.rope.scaling.type", p.rope_scaling[0])
+        w.add_float32(f"{a}.rope.scaling.factor", p.rope_scaling[1])
+    if p.longrope is not None:
+        w.add_uint32(f"{a}.rope.scaling.original_context_length", p.longrope[0])
+        w.add_float32(f"{a}.rope.scaling.attn_factor", p.longrope[1])
+    if p.swa is not None:
+        w.add_uint32(f"{a}.attention.sliding_window", p.swa[0])
+        if p.swa[1] is not None:
+            w.add_uint32(f"{a}.attention.sliding_window_pattern", p.swa[1])
+        w.add_float32(f"{a}.rope.freq_base_swa", p.rope_base_swa)
+    for key, value in p.extra_keys:
+        w.add_uint32(f"{a}.{key}", value)
     w.add_uint32("general.file_type", QUANTS[quant][1])
     w.add_uint32("general.quantization_version", gguf.GGML_QUANT_VERSION)
-    n_vocab = _copy_tokenizer(w, src)
-    w.add_uint32(f"{a}.vocab_size", n_vocab)
 
-    specs = plan_tensors(p, quant, n_vocab)
+
+def synthesize(
+    like: str,
+    quant: str,
+    out: str,
+    seed: int = 0,
+    tokenizer_from: str | None = None,
+    n_layer: int | None = None,
+    progress: bool = False,
+    copy_tokenizer: bool = False,
+    extra_keys: dict[str, Any] | None = None,
+    extra_tensors: tuple[TensorSpec, ...] = (),
+) -> str:
+    """Write a synthetic GGUF shaped like preset `like` with weights of type `quant`; returns `out`.
+
+    The tokenizer is built in the preset's kind from SmolLM2's (or `tokenizer_from`'s) tokens, or
+    copied from `tokenizer_from` as it is for the llama2/qwen2 presets or with copy_tokenizer=True.
+    extra_keys (name -> int, float or str) and extra_tensors add what a variant of the family has
+    (tests: gemma's final_logit_softcapping, llama's optional biases).
+    """
+    from gguf import GGMLQuantizationType, GGUFWriter, GGML_QUANT_SIZES
+
+    if like not in PRESETS:
+        raise FlexioError(f"unknown preset {like!r} (known: {', '.join(PRESETS)})")
+    if quant not in QUANTS:
+        raise FlexioError(f"unknown quant {quant!r} (known: {', '.join(QUANTS)})")
+    p = PRESETS[like]
+    if n_layer is not None:
+        if n_layer <= 0:
+            raise FlexioError(f"n_layer must be positive, got {n_layer}")
+        p = replace(p, n_layer=n_layer)
+    src = tokenizer_source(tokenizer_from)
+    if not os.path.exists(src):
+        raise GGUFError(f"tokenizer source {src!r}: no such file")
+
+    tmp = out + ".part"
+    w = GGUFWriter(tmp, p.arch)
+    _write_metadata(w, p, like, quant)
+    if p.vocab == "smollm2" or copy_tokenizer:
+        n_vocab = _copy_tokenizer(w, src)
+    else:
+        v = family_vocab(p.vocab, p.n_vocab or REAL_SIZE[p.vocab], src)
+        v.write(w)
+        n_vocab = len(v.tokens)
+    w.add_uint32(f"{p.arch}.vocab_size", n_vocab)
+    for key, value in (extra_keys or {}).items():
+        if isinstance(value, str):
+            w.add_string(key, value)
+        elif isinstance(value, float):
+            w.add_float32(key, value)
+        else:
+            w.add_uint32(key, value)
+
+    specs = plan_tensors(p, quant, n_vocab) + list(extra_tensors)
     total = 0
     for s in specs:
         qt = GGMLQuantizationType[s.ggml_type]
-        block, size = gguf.GGML_QUANT_SIZES[qt]
+        block, size = GGML_QUANT_SIZES[qt]
         n = int(np.prod(s.shape))
         np_shape = tuple(reversed(s.shape))  # numpy order: (rows, row_len)
         if s.ggml_type in ("F32", "F16"):
@@ -359,7 +523,7 @@ def synthesize(
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for s in specs:
-            data = tensor_data(rng, s)
+            data = tensor_data(rng, s, p)
             w.write_tensor_data(data)
             done += data.nbytes
             if progress:
@@ -389,12 +553,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer-from", default=None, metavar="FILE",
                         help="GGUF to copy tokenizer.* metadata from (default: SmolLM2 from the cache)")
     parser.add_argument("--n-layer", type=int, default=None, help="override the preset's layer count")
+    parser.add_argument("--copy-tokenizer", action="store_true",
+                        help="copy --tokenizer-from's tokenizer as it is instead of building the family's")
 
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     out = synthesize(args.like, args.quant, args.out, seed=args.seed, tokenizer_from=args.tokenizer_from,
-                     n_layer=args.n_layer, progress=sys.stderr.isatty())
+                     n_layer=args.n_layer, progress=sys.stderr.isatty(), copy_tokenizer=args.copy_tokenizer)
     dt = time.perf_counter() - t0
     size = os.path.getsize(out)
     print(f"{out}: {args.like} {args.quant}, {size / 1e9:.2f} GB in {dt:.1f} s ({size / 1e6 / dt:.0f} MB/s)")

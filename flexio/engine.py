@@ -38,7 +38,7 @@ from .errors import BudgetError, FlexioError, ParameterError
 from .fetch import model_path
 from .gguf import GGUFFile, ModelConfig, open_gguf
 from .batcher import END, Batcher, QueueFullError, Sequence as Request
-from .model import LAYER_FIELDS, KVCache, LayerWeights, Model, Segment, Weight, vector, warmup_kernels, weight
+from .model import KVCache, LayerWeights, Model, Segment, Weight, vector, warmup_kernels
 from .modes import POLICIES, Mode, mode as get_mode
 from .plan import CostModel, Plan, model_footprint, plan_budget
 from .prefetch import StageStream
@@ -250,7 +250,11 @@ class Engine:
         if self.n_ctx_seq > c.n_ctx_train:
             log.warning("a sequence's context of %d tokens is larger than the context the model was trained for "
                         "(%d): output past %d tokens may degrade", self.n_ctx_seq, c.n_ctx_train, c.n_ctx_train)
-        self.model = Model(c, self.n_ctx_seq)
+        factors = c.rope_factor_tensor(self.n_ctx_seq)  # llama 3's rope_freqs, LongRoPE's long or short set
+        if factors is not None:
+            t = gf.by_name[factors]
+            factors = vector(t, gf.read_tensor_bytes(t)).copy()
+        self.model = Model(c, self.n_ctx_seq, factors)
         numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
 
     def _allocate_caches(self) -> None:
@@ -305,11 +309,8 @@ class Engine:
             for j in range(st.n_slots):
                 parts = st.stage_parts(s.index, j)
                 if s.kind == "layer":
-                    fields = {LAYER_FIELDS[t.role]: weight(t, p) for t, p in parts}
-                    for t in self.gguf.layer_tensors(s.number):
-                        if len(t.shape) == 1 and t.role in LAYER_FIELDS:
-                            fields[LAYER_FIELDS[t.role]] = vector(t, st.vector(t.name))
-                    per_slot.append(LayerWeights(**fields))
+                    vectors = [(t, st.vector(t.name)) for t in self.gguf.layer_tensors(s.number) if len(t.shape) == 1]
+                    per_slot.append(LayerWeights.build(self.config, parts, vectors))
                 else:  # a head chunk: rows numbered in the full vocabulary
                     per_slot.append([Weight(t.name, t.ggml_type, t.n_rows, t.row_len, p) for t, p in parts])
             self._weights.append(per_slot)
@@ -403,6 +404,8 @@ class Engine:
                             logits = np.empty((len(last), vocab), np.float32)
                         for chunk in w:
                             chunk.matmul(h, logits)
+                        if stage == len(self.plan.stages) - 1:
+                            model.finish_logits(logits)
                 finally:
                     st.release()
         except BaseException:

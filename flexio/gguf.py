@@ -27,7 +27,6 @@ truncated while it is read gives a short read, not a SIGBUS.
 
 from __future__ import annotations
 
-import logging
 import os
 import stat
 import struct
@@ -41,7 +40,6 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from .arch import LAYER_RE, ModelConfig, check_architecture, check_tensors, expected_shapes, model_config
 from .errors import GGUFError, UnsupportedError
 
-log = logging.getLogger("flexio.gguf")
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)  # v1 had 32-bit counts; llama.cpp dropped it too
@@ -435,9 +433,7 @@ class GGUFFile:
         self._check_overlap()
         self.by_name = {t.name: t for t in self.tensors}
         self.config: ModelConfig = model_config(self.metadata, self.by_name)
-        self.unused: list[str] = sorted(check_tensors(self.config, self.by_name))
-        if self.unused:
-            self._warn_unused()
+        check_tensors(self.config, self.by_name)
 
     # --- validation -------------------------------------------------------------
 
@@ -475,21 +471,11 @@ class GGUFFile:
                     f"(from byte {b.offset:,}) overlap: the tensor table is corrupt"
                 )
 
-    def _warn_unused(self) -> None:
-        """One warning per open, as llama.cpp's loader gives: names, types and sizes."""
-        shown = [f"{n} ({self.by_name[n].type_name}, {self.by_name[n].nbytes:,} bytes)" for n in self.unused[:10]]
-        more = f" and {len(self.unused) - 10} more" if len(self.unused) > 10 else ""
-        total = sum(self.by_name[n].nbytes for n in self.unused)
-        log.warning(
-            "%s: %d tensor(s) (%s bytes) are not used by the %s model and will be ignored: %s%s",
-            self.path, len(self.unused), f"{total:,}", self.config.arch, ", ".join(shown), more,
-        )
-
     # --- helpers ----------------------------------------------------------------
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor the engine needs, with its GGUF shape (row length first)."""
-        return expected_shapes(self.config)
+        return expected_shapes(self.config, self.by_name)
 
     def layer_tensors(self, layer: int) -> list[TensorInfo]:
         return [t for t in self.tensors if t.layer == layer]

@@ -5,7 +5,7 @@ preservation policy and the mode: no disk, no allocation, so it is unit-tested
 on its own and printed by `generate --show-plan`.
 
 Vocabulary
-  stage      what the engine streams as one unit: layer i (its 7 matrices), then the
+  stage      what the engine streams as one unit: layer i (its matrices), then the
              head (output.weight, or token_embd.weight when the output is tied).
   resident   rows kept in the locked arena for the whole run. A tensor is split
              along rows: its first `resident_rows` rows are resident, the rest stream.
@@ -44,10 +44,13 @@ from .gguf import GGUFFile, TensorInfo
 from .modes import MODES, POLICIES, Mode, mode as get_mode
 from .units import RESIDENT_ALIGN, aligned_span, fmt_bytes, parse_size
 
+# Roles by part of the block, for the preservation policies. A fused tensor keeps its part's role:
+# attn_qkv (Q, K and V in one matrix) is attention; phi3's ffn_up (gate and up in one) is FFN. Like any
+# tensor it is split by rows when only part of it stays resident (its first resident_rows rows).
 FFN_ROLES = ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
 EXPERT_ROLES = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")  # (n_embd|ff, rows, n_expert)
 ROUTER_ROLE = "ffn_gate_inp.weight"  # (n_embd, n_expert): resident with the norms, used one layer ahead to predict
-ATTN_ROLES = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight")
+ATTN_ROLES = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_qkv.weight", "attn_output.weight")
 ORDER = {"ffn": FFN_ROLES + ATTN_ROLES, "attn": ATTN_ROLES + FFN_ROLES}
 
 

@@ -1,8 +1,11 @@
-"""Float32 activations -> float32 activations: the non-matmul ops of a llama/qwen2 block.
+"""Float32 activations -> float32 activations: the non-matmul ops of a block (llama, qwen2/3, gemma3, phi3).
 
-RMSNorm, RoPE (normal and NeoX pairing), causal attention over a float16 KV
-cache, SwiGLU gating and the residual add. Each is one Numba call per layer op
-with the GIL released, so a decode step costs few Python dispatches.
+RMSNorm (per row, and per head for Q/K norms), RoPE (normal and NeoX pairing, with
+per-pair frequency factors, a frequency scale and an attention factor), causal attention
+over a float16 KV cache (optionally a sliding window read from a ring of positions),
+SwiGLU and GELU-table GeGLU gating, scaling, logit soft-capping and the residual add.
+Each is one Numba call per layer op with the GIL released, so a decode step costs few
+Python dispatches. Every op replays llama.cpp's CPU op float for float (its AVX2 build).
 
 The KV cache is float16, as llama.cpp's default F16 cache: the caller writes it
 with numpy (`np.copyto` rounds to nearest even, no allocation) and passes its
@@ -119,12 +122,42 @@ def rmsnorm(x, w, eps, out):
 
 
 @njit(nogil=True, cache=True)
+def rmsnorm_heads(x, head_dim, w, eps):
+    """Each head of each row of x, normalised in place: x[i, h*hd:(h+1)*hd] as one RMSNorm row times w.
+
+    x: (n, n_heads * head_dim) f32; w: (head_dim,) f32. ggml's rms_norm on the [head_dim, n_head, n]
+    view of Q or K (qwen3, gemma3), rounded as `rmsnorm`.
+    """
+    n, m = x.shape
+    feps = np.float32(eps)
+    for i in range(n):
+        for h0 in range(0, m, head_dim):
+            s = 0.0
+            for j in range(h0, h0 + head_dim):
+                s += np.float64(x[i, j] * x[i, j])
+            mean = np.float32(s / head_dim)
+            scale = np.float32(1.0) / np.float32(math.sqrt(mean + feps))
+            for j in range(head_dim):
+                x[i, h0 + j] = (x[i, h0 + j] * scale) * w[j]
+
+
+@njit(nogil=True, cache=True)
 def add_bias(x, b):
     """x[i, :] += b.   x: (n, m) f32; b: (m,) f32."""
     n, m = x.shape
     for i in range(n):
         for j in range(m):
             x[i, j] += b[j]
+
+
+@njit(nogil=True, cache=True)
+def scale(x, s):
+    """x *= s in place, one f32 multiply per element (ggml_scale, bias 0).   x: (n, m) f32."""
+    n, m = x.shape
+    fs = np.float32(s)
+    for i in range(n):
+        for j in range(m):
+            x[i, j] = x[i, j] * fs
 
 
 @njit(nogil=True, cache=True)
@@ -157,29 +190,39 @@ def rope(x, n_heads, head_dim, pos0, cos, sin, neox):
 
 
 @njit(nogil=True, cache=True)
-def _rope_tables(n_ctx, half, base, rope_dim, cos, sin):
+def _rope_tables(n_ctx, half, base, rope_dim, freq_scale, factors, attn_factor, cos, sin):
     f = np.float32
-    scale = f(math.pow(f(base), f(-2.0) / f(rope_dim)))  # float32 pow -> libm powf, as ggml
+    theta_scale = f(math.pow(f(base), f(-2.0) / f(rope_dim)))  # float32 pow -> libm powf, as ggml
+    fs = f(freq_scale)
+    mscale = f(attn_factor)
     for p in range(n_ctx):
         theta = f(p)
         for k in range(half):
-            cos[p, k] = math.cos(theta)  # float32 cos/sin -> libm cosf/sinf, as ggml
-            sin[p, k] = math.sin(theta)
-            theta = theta * scale
+            t = fs * (theta / factors[k])  # ggml_rope_cache_init: theta / ff, then rope_yarn's freq_scale *
+            cos[p, k] = f(math.cos(t)) * mscale  # float32 cos/sin -> libm cosf/sinf, as ggml, then * mscale
+            sin[p, k] = f(math.sin(t)) * mscale
+            theta = theta * theta_scale
 
 
-def rope_tables(n_ctx: int, rope_dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin of theta(pos, k) = pos * base^(-2k/rope_dim), two (n_ctx, rope_dim/2) f32 arrays.
+def rope_tables(n_ctx: int, rope_dim: int, base: float, freq_scale: float = 1.0, factors: np.ndarray | None = None,
+                attn_factor: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin of the rotation angle of (position p, pair k), two (n_ctx, rope_dim/2) f32 arrays.
 
-    Computed the way ggml's rope cache does, in float32: theta_scale = powf(base, -2/rope_dim),
-    theta starts at pos and is multiplied by theta_scale once per pair, then cosf/sinf from the
-    C library. Rounding theta differently flips the f16 rounding of an occasional roped key,
-    and 30 layers turn that into visible logit noise.
+    Computed the way ggml's rope cache does (ggml_rope_cache_init + rope_yarn without YaRN's ramp),
+    in float32: theta_scale = powf(base, -2/rope_dim); theta starts at p and is multiplied by
+    theta_scale once per pair; the angle is freq_scale * (theta / factors[k]) (per-pair frequency
+    factors: llama 3's rope_freqs, LongRoPE's long/short sets; 1 without); cos and sin come from
+    the C library and are multiplied by attn_factor (LongRoPE's scale of Q and K; 1 without).
+    Rounding theta differently flips the f16 rounding of an occasional roped key, and 30 layers
+    turn that into visible logit noise.
     """
     half = rope_dim // 2
+    ff = np.ones(half, np.float32) if factors is None else np.ascontiguousarray(factors, dtype=np.float32)
+    if ff.shape != (half,):
+        raise ValueError(f"rope factors: expected {half} values (rope_dim / 2), got {ff.shape}")
     cos = np.empty((n_ctx, half), np.float32)
     sin = np.empty((n_ctx, half), np.float32)
-    _rope_tables(n_ctx, half, np.float32(base), rope_dim, cos, sin)
+    _rope_tables(n_ctx, half, np.float32(base), rope_dim, np.float32(freq_scale), ff, np.float32(attn_factor), cos, sin)
     return cos, sin
 
 
@@ -201,23 +244,28 @@ def reduce_4x8(a):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _attend_group(job, q, kcache, vcache, pos0, n_heads, n_kv_heads, head_dim, f16, scale, tile, scores, out):
+def _attend_group(job, q, kcache, vcache, pos0, n_heads, n_kv_heads, head_dim, f16, scale, window, tile, scores, out):
     """Query token i = job // n_kv_heads against kv head g = job % n_kv_heads, for the query heads
-    that share it (GQA). The kv head's keys and values up to T are converted from f16 once into
-    float32 blocks, so that every inner loop below runs over contiguous float32 and vectorizes;
-    the arithmetic per output element is unchanged (see `attention`)."""
+    that share it (GQA). The kv head's keys and values of the visible positions are converted from
+    f16 once into float32 blocks, so that every inner loop below runs over contiguous float32 and
+    vectorizes; the arithmetic per output element is unchanged (see `attention`)."""
     i = job // n_kv_heads
     g = job % n_kv_heads
     group = n_heads // n_kv_heads
     kvo = g * head_dim
-    T = pos0 + i + 1
+    T = pos0 + i + 1  # positions 0..T-1 are causal for this query
+    lo = T - window if 0 < window < T else 0  # sliding window: positions lo..T-1 (pos_q - pos_k < window)
+    base = lo - lo % 8  # softmax sums cells 8 at a time from cell 0: chunks stay aligned to absolute positions
+    cap = kcache.shape[0]  # the cache holds position t at row t % cap (a ring for sliding layers)
     hd = head_dim
-    k32 = np.empty((T, hd), np.float32)
-    v32 = np.empty((T, hd), np.float32)
-    for t in range(T):
+    L = T - lo
+    k32 = np.empty((L, hd), np.float32)
+    v32 = np.empty((L, hd), np.float32)
+    for t in range(L):
+        r = (lo + t) % cap
         for d in range(hd):
-            k32[t, d] = f16[kcache[t, kvo + d]]
-            v32[t, d] = f16[vcache[t, kvo + d]]
+            k32[t, d] = f16[kcache[r, kvo + d]]
+            v32[t, d] = f16[vcache[r, kvo + d]]
     lanes = 8 if tile else 32
     acc = np.zeros(32, np.float32)
     qh = np.empty(hd, np.float32)
@@ -225,13 +273,13 @@ def _attend_group(job, q, kcache, vcache, pos0, n_heads, n_kv_heads, head_dim, f
     main = hd - hd % lanes
     for hq in range(g * group, (g + 1) * group):
         qo = hq * hd
-        s = scores[i * n_heads + hq]
+        s = scores[i * n_heads + hq]  # s[t - base] for position t
         for d in range(hd):
             qh[d] = f16round(q[i, qo + d])
         # scores: q . k as llama.cpp's F16 matmul (tile kernel: 8 lanes + hsum8; vec_dot_f16: 32 lanes
         # = 4 accumulators x 8 + reduce_4x8, leftovers in double)
         mx = np.float32(-np.inf)
-        for t in range(T):
+        for t in range(L):
             for lane in range(lanes):
                 acc[lane] = 0.0
             for d0 in range(0, main, lanes):
@@ -247,30 +295,31 @@ def _attend_group(job, q, kcache, vcache, pos0, n_heads, n_kv_heads, head_dim, f
                     tot += np.float64(k32[t, d] * qh[d])
                 v = np.float32(tot)
             v = v * scale
-            s[t] = v
+            s[lo + t - base] = v
             if v > mx:
                 mx = v
-        # softmax as ggml_vec_soft_max_f32: 8-lane chunks of ggml_v_expf, chunk sums in double
+        # softmax as ggml_vec_soft_max_f32: 8-lane chunks of ggml_v_expf, chunk sums in double; masked
+        # cells (before the window, after the query) are exact zeros in their chunk
         total = 0.0
-        for c0 in range(0, T, 8):
+        for c0 in range(base, T, 8):
             for lane in range(8):
                 acc[lane] = 0.0
-            for lane in range(min(8, T - c0)):
-                e = v_expf(s[c0 + lane] - mx)
-                acc[lane] = e
-                s[c0 + lane] = e
+            for t in range(max(c0, lo), min(c0 + 8, T)):
+                e = v_expf(s[t - base] - mx)
+                acc[t - c0] = e
+                s[t - base] = e
             total += np.float64(hsum8(acc, 0))
         inv = np.float32(1.0 / total)
-        for t in range(T):
-            s[t] = f16round(s[t] * inv)
-        # p . v over positions (zero-padded to the lane width: no leftovers), lane = t % lanes,
+        for t in range(lo, T):
+            s[t - base] = f16round(s[t - base] * inv)
+        # p . v over positions (masked cells add nothing), lane = absolute position % lanes,
         # vectorized across the head dimension
         A[:, :] = 0.0
-        for t in range(T):
+        for t in range(lo, T):
             lane = t % lanes
-            p = s[t]
+            p = s[t - base]
             for d in range(hd):
-                A[lane, d] = fmaf(v32[t, d], p, A[lane, d])
+                A[lane, d] = fmaf(v32[t - lo, d], p, A[lane, d])
         for d in range(hd):
             for lane in range(lanes):
                 acc[lane] = A[lane, d]
@@ -278,32 +327,37 @@ def _attend_group(job, q, kcache, vcache, pos0, n_heads, n_kv_heads, head_dim, f
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def attention(q, kcache, vcache, pos0, n_heads, n_kv_heads, head_dim, f16, scores, out):
-    """Causal softmax attention of n queries at positions pos0.. over cache rows 0..pos0+n-1.
+def attention(q, kcache, vcache, pos0, n_heads, n_kv_heads, head_dim, f16, scale, window, scores, out):
+    """Causal softmax attention of n queries at positions pos0.. over the cached positions before them.
 
-    q: (n, n_heads * head_dim) f32; kcache, vcache: (n_ctx, n_kv_heads * head_dim) uint16;
-    f16: the f16 -> f32 table; scores: (n * n_heads, >= pos0 + n) f32 scratch;
-    out: (n, n_heads * head_dim) f32.  Query head h reads kv head h // (n_heads / n_kv_heads).
+    q: (n, n_heads * head_dim) f32; kcache, vcache: (cap, n_kv_heads * head_dim) uint16, position t
+    at row t % cap (cap >= pos0 + n for a full cache; a ring of the last positions for a sliding
+    window); f16: the f16 -> f32 table; scale: the scores' factor (kq_scale); window: a query at
+    position p sees positions p - window + 1 .. p (0: all); scores: (n * n_heads, >= pos0 + n) f32
+    scratch; out: (n, n_heads * head_dim) f32.  Query head h reads kv head h // (n_heads / n_kv_heads).
 
     The arithmetic replays llama.cpp's CPU graph (no flash attention) on AVX2 operation by
     operation: q rounded to f16; q.k as its F16 x F16 matmul (the tile kernel when several query
     tokens are computed together, vec_dot_f16 for one); scale; softmax with ggml_v_expf, summed
-    per 8 lanes in double; probabilities rounded to f16; p.v the same way over positions.
+    per 8 lanes in double; probabilities rounded to f16; p.v the same way over positions. Masked
+    cells (llama.cpp's -inf mask: future positions, and positions at or beyond the window) add
+    exact zeros there, so they are skipped here with every lane and chunk kept at its absolute
+    position (llama.cpp's swa_full cache holds position t in cell t).
     """
     jobs = q.shape[0] * n_kv_heads
-    scale = np.float32(1.0 / math.sqrt(head_dim))
     tile = q.shape[0] > 1
+    fs = np.float32(scale)
     for job in prange(jobs):
-        _attend_group(job, q, kcache, vcache, pos0, n_heads, n_kv_heads, head_dim, f16, scale, tile, scores, out)
+        _attend_group(job, q, kcache, vcache, pos0, n_heads, n_kv_heads, head_dim, f16, fs, window, tile, scores, out)
 
 
 @njit(nogil=True, cache=True)
-def attention_serial(q, kcache, vcache, pos0, n_heads, n_kv_heads, head_dim, f16, scores, out):
+def attention_serial(q, kcache, vcache, pos0, n_heads, n_kv_heads, head_dim, f16, scale, window, scores, out):
     """`attention` on the calling thread: for short contexts a parallel launch costs more than the work."""
-    scale = np.float32(1.0 / math.sqrt(head_dim))
     tile = q.shape[0] > 1
+    fs = np.float32(scale)
     for job in range(q.shape[0] * n_kv_heads):
-        _attend_group(job, q, kcache, vcache, pos0, n_heads, n_kv_heads, head_dim, f16, scale, tile, scores, out)
+        _attend_group(job, q, kcache, vcache, pos0, n_heads, n_kv_heads, head_dim, f16, fs, window, tile, scores, out)
 
 
 @njit(nogil=True, cache=True)
@@ -322,6 +376,81 @@ def swiglu(gate, up):
         for j in range(main, m):
             g = gate[i, j]
             gate[i, j] = (g / (np.float32(1.0) + np.float32(math.exp(-g)))) * up[i, j]
+
+
+@njit(nogil=True, cache=True, inline="always")
+def f16_bits(x):
+    """float32 -> the bits of its nearest-even IEEE half (F16C's vcvtps2ph, rounding mode 0), as int32."""
+    b = f32_bits(np.float32(x))
+    sign = (b >> 16) & np.int32(0x8000)
+    a = b & np.int32(0x7FFFFFFF)
+    if a > np.int32(0x7F800000):  # nan: a quiet nan with the top mantissa bits
+        return sign | np.int32(0x7E00) | ((a >> 13) & np.int32(0x3FF))
+    if a >= np.int32(0x477FF000):  # >= 65520 (and inf) rounds past the largest half
+        return sign | np.int32(0x7C00)
+    if a < np.int32(0x38800000):  # half subnormals: multiples of 2**-24
+        return sign | np.int32(np.rint(np.float64(bits_f32(a)) * 16777216.0))
+    a = (a + np.int32(0xFFF) + ((a >> 13) & 1)) & np.int32(-8192)  # round the mantissa to 10 bits, ties even
+    return sign | ((a >> 13) - np.int32(112 << 10))  # rebias the exponent from 127 to 15
+
+
+_GELU_COEF_A = np.float32(0.044715)
+_SQRT_2_OVER_PI = np.float32(0.79788456080286535587989211986876)
+
+
+@njit(nogil=True, cache=True)
+def _gelu_table(f16, out):
+    half = np.float32(0.5)
+    one = np.float32(1.0)
+    for h in range(65536):
+        x = f16[h]
+        # ggml_gelu_f32: 0.5f*x*(1.0f + tanhf(SQRT_2_OVER_PI*x*(1.0f + GELU_COEF_A*x*x))) as GCC compiles it
+        # (-ffp-contract=fast: the inner 1 + (A*x)*x is one FMA), libm tanhf
+        inner = fmaf(_GELU_COEF_A * x, x, one)
+        t = np.float32(math.tanh((_SQRT_2_OVER_PI * x) * inner))
+        out[h] = f16round((half * x) * (one + t))
+
+
+def gelu_table() -> np.ndarray:
+    """ggml's GELU lookup table (ggml_table_gelu_f16, built by ggml_cpu_init) as float32 values, (65536,):
+    entry h is GELU-tanh of the f16 whose bits are h, rounded to f16."""
+    out = np.empty(65536, np.float32)
+    _gelu_table(F16_TO_F32, out)
+    return out
+
+
+GELU_F16 = gelu_table()  # (65536,) f32
+
+
+@njit(nogil=True, cache=True)
+def geglu(gate, up, table):
+    """gate[i] = gelu(gate[i]) * up[i] in place, as ggml_vec_geglu_f32 with GGML_GELU_FP16 (always on).
+
+    gate, up: (n, m) f32; table: GELU_F16. x <= -10: 0; x >= 10: x * up; otherwise the table entry of
+    x rounded to f16, times up.
+    """
+    n, m = gate.shape
+    for i in range(n):
+        for j in range(m):
+            x = gate[i, j]
+            if x <= np.float32(-10.0):
+                gate[i, j] = np.float32(0.0)
+            elif x >= np.float32(10.0):
+                gate[i, j] = x * up[i, j]
+            else:
+                gate[i, j] = table[f16_bits(x) & 0xFFFF] * up[i, j]
+
+
+@njit(nogil=True, cache=True)
+def softcap(x, cap):
+    """x = cap * tanh(x / cap) in place, as llama.cpp's final logit soft-capping: ggml_scale by 1.0f/cap,
+    ggml_tanh (libm tanhf), ggml_scale by cap.   x: (n, m) f32."""
+    n, m = x.shape
+    c = np.float32(cap)
+    inv = np.float32(1.0) / c
+    for i in range(n):
+        for j in range(m):
+            x[i, j] = np.float32(math.tanh(x[i, j] * inv)) * c
 
 
 @njit(nogil=True, cache=True)

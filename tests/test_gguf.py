@@ -66,13 +66,17 @@ def test_bad_magic_and_version(tiny, tmp_path):
         open_gguf(tmp_path / "missing.gguf")
 
 
-def _write(path, tensors: dict, arch="llama", extra=None):
+def _write(path, tensors: dict, arch="llama", extra=None, required=True):
     w = GGUFWriter(str(path), arch)
     w.add_block_count(1)
     w.add_embedding_length(32)
     w.add_feed_forward_length(64)
     w.add_head_count(4)
-    for k, v in (extra or {}).items():
+    keys = dict(extra or {})
+    if required:  # llama.cpp requires these two of every family flexio runs
+        keys = {f"{arch}.context_length": lambda w: w.add_context_length(64),
+                f"{arch}.attention.layer_norm_rms_epsilon": lambda w: w.add_layer_norm_rms_eps(1e-5)} | keys
+    for k, v in keys.items():
         v(w)
     for name, (arr, qtype) in tensors.items():
         if qtype is None:
@@ -242,19 +246,27 @@ def test_header_counts_are_bounded_by_the_file(tmp_path, tiny):
 # --- unused tensors, metadata types, read_metadata ------------------------------------------
 
 
-def test_unused_tensors_are_warned_once_with_sizes(tmp_path, caplog):
+def test_unused_tensors_are_refused_naming_them(tmp_path):
+    # A llama 3.1 rope_freqs tensor used to be ignored with a warning (and the output differed from
+    # llama.cpp's); any tensor the forward pass does not use now refuses the file, as llama.cpp does.
     t = _tiny_tensors()
-    t["rope_freqs.weight"] = (np.zeros(4, np.float32), None)
+    t["rope_factors_long.weight"] = (np.zeros(4, np.float32), None)  # LongRoPE without rope.scaling.type longrope
     for i in range(11):
         t[f"extra.{i:02d}.weight"] = (np.zeros(8, np.float32), None)
-    with caplog.at_level("WARNING", logger="flexio.gguf"):
-        g = open_gguf(_write(tmp_path / "u.gguf", t))
-    assert len(g.unused) == 12 and "rope_freqs.weight" in g.unused
-    (rec,) = [r for r in caplog.records if r.name == "flexio.gguf"]
-    msg = rec.getMessage()
-    assert "12 tensor(s) (368 bytes) are not used by the llama model and will be ignored" in msg
-    assert "extra.00.weight (F32, 32 bytes)" in msg and msg.endswith("and 2 more")
-    assert "rope_freqs.weight" not in msg  # names sorted: the first 10 are extra.*
+    with pytest.raises(UnsupportedError) as e:
+        open_gguf(_write(tmp_path / "u.gguf", t))
+    msg = str(e.value)
+    assert msg.startswith("12 tensor(s) are not used by flexio's llama model: extra.00.weight (F32, 32 bytes)")
+    assert msg.count("extra.") == 10 and "and 2 more; refused rather than ignored" in msg
+
+
+def test_required_keys_are_named(tmp_path):
+    for key in ("llama.context_length", "llama.attention.layer_norm_rms_epsilon"):
+        extra = {"llama.context_length": lambda w: w.add_context_length(64),
+                 "llama.attention.layer_norm_rms_epsilon": lambda w: w.add_layer_norm_rms_eps(1e-5)}
+        del extra[key]
+        with pytest.raises(GGUFError, match=rf"required metadata key '{key}' is missing"):
+            open_gguf(_write(tmp_path / "k.gguf", _tiny_tensors(), extra=extra, required=False))
 
 
 def test_kv_types_and_read_metadata_copy_exactly(smollm2_path, tmp_path):

@@ -174,3 +174,51 @@ def test_a_percentage_is_of_the_resident_footprint_and_100_percent_holds_it_all(
     for mode in ("sync", "prefetch-only"):  # these baselines stream by definition
         assert plan_budget(gf, "100%", mode=mode).streamed_bytes_per_token > 0
     assert plan_budget(gf, "99%").streamed_bytes_per_token > 0
+
+
+def fake_phi3(n_layer=8, d=768, ff=2048, vocab=2000):
+    """phi3 shapes: one fused attn_qkv (Q, K, V rows) and one fused ffn_up (gate rows, then up rows)."""
+    cfg = ModelConfig("phi3", n_layer, d, ff, 8, 8, 4096, vocab, 1e4, d // 8, 1e-5, False, qkv_fused=True)
+    tensors, off = [], 4096
+
+    def add(name, shape, t):
+        nonlocal off
+        be, bb = BPB[t]
+        nbytes = shape[0] * (shape[1] if len(shape) > 1 else 1) // be * bb
+        tensors.append(TensorInfo(name, t, shape, off, nbytes))
+        off += -(-nbytes // 32) * 32
+
+    add("token_embd.weight", (d, vocab), Q4_0)
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        add(p + "attn_norm.weight", (d,), F32)
+        add(p + "attn_qkv.weight", (d, 3 * d), Q4_0)
+        add(p + "attn_output.weight", (d, d), Q4_0)
+        add(p + "ffn_norm.weight", (d,), F32)
+        add(p + "ffn_up.weight", (d, 2 * ff), Q4_0)
+        add(p + "ffn_down.weight", (ff, d), Q4_0)
+    add("output_norm.weight", (d,), F32)
+    add("output.weight", (d, vocab), Q6_K)
+    by = {t.name: t for t in tensors}
+    return SimpleNamespace(config=cfg, tensors=tensors, by_name=by,
+                           layer_tensors=lambda i: [t for t in tensors if t.layer == i])
+
+
+def test_fused_tensors_are_preserved_by_their_part_of_the_block():
+    """phi3's attn_qkv counts as attention and its fused ffn_up as FFN: a policy keeps its part's tensors
+    first, in its order, and cuts at most one tensor by rows."""
+    phi3 = fake_phi3()
+    total = sum(t.nbytes for t in phi3.tensors)
+    low = minimum_budget(phi3)
+    for frac_budget in (0.3, 0.5, 0.7):
+        budget = int(low + frac_budget * (total - low))
+        for policy, order in (("attn", ("attn_qkv", "attn_output", "ffn_up", "ffn_down")),
+                              ("ffn", ("ffn_up", "ffn_down", "attn_qkv", "attn_output"))):
+            st = plan_budget(phi3, budget, policy=policy).stages[0]
+            by = {t.info.role.split(".")[0]: t for t in st.tensors}
+            frac = {r: t.resident_rows / t.info.n_rows for r, t in by.items()}
+            kept = [frac[r] for r in order]
+            assert kept == sorted(kept, reverse=True) and 0 < st.resident_bytes < st.nbytes, (policy, frac)
+            cut = next(i for i, f in enumerate(kept) if f < 1)  # the first tensor cut by rows
+            after = sum(by[r].resident_bytes for r in order[cut + 1:])
+            assert after < by[order[cut]].info.row_bytes, (policy, frac)  # only what rounding to rows left
