@@ -49,7 +49,7 @@ HELP = "write a synthetic GGUF with real shapes and random weights"  # one line 
 class Preset:
     """Hyper-parameters of one model shape, and what its real files carry beside the weights."""
 
-    arch: str  # "llama" | "qwen2" | "qwen3" | "gemma3" | "phi3"
+    arch: str  # "llama" | "qwen2" | "qwen3" | "gemma3" | "phi3" | "qwen3moe"
     n_layer: int
     n_embd: int
     n_ff: int
@@ -69,6 +69,9 @@ class Preset:
     rope_base_swa: float = 10000.0
     qkv_fused: bool = False  # one attn_qkv matrix (phi3)
     extra_keys: tuple[tuple[str, int], ...] = ()  # uint32 keys the real files have but llama.cpp ignores
+    n_expert: int = 0  # mixture of experts: experts per layer (llama: Mixtral; qwen3moe)
+    n_expert_used: int = 0
+    n_ff_exp: int = 0  # qwen3moe: expert_feed_forward_length (llama's experts are n_ff wide)
 
     def __post_init__(self) -> None:
         assert self.head_dim or self.n_embd % self.n_head == 0, "n_embd must be a multiple of n_head"
@@ -115,6 +118,15 @@ PRESETS: dict[str, Preset] = {
                           n_vocab=32768, rope_scaling=("linear", 8.0), swa=(16, None), rope_base_swa=10000.0),
     "tiny-phi3": Preset("phi3", 3, 768, 1536, 8, 8, 4096, 10000.0, 1e-5, False, vocab="phi3", n_vocab=32064,
                         longrope=(256, 1.224744871391589), qkv_fused=True, extra_keys=(("attention.sliding_window", 2047),)),
+    # mixtures of experts: Mixtral-8x7B (llama with 8 experts, 2 per token) and Qwen3-30B-A3B (128, 8 per token)
+    "mixtral-8x7b": Preset("llama", 32, 4096, 14336, 32, 8, 32768, 1000000.0, 1e-5, False, vocab="mistral",
+                           n_vocab=32000, n_expert=8, n_expert_used=2),
+    "qwen3-30b-a3b": Preset("qwen3moe", 48, 2048, 6144, 32, 4, 40960, 1000000.0, 1e-6, False, head_dim=128,
+                            vocab="qwen3", n_expert=128, n_expert_used=8, n_ff_exp=768),
+    "tiny-mixtral": Preset("llama", 3, 512, 1024, 8, 2, 2048, 1000000.0, 1e-5, False, vocab="mistral", n_vocab=32000,
+                           n_expert=8, n_expert_used=2),
+    "tiny-qwen3moe": Preset("qwen3moe", 3, 512, 1536, 8, 2, 2048, 1000000.0, 1e-6, False, head_dim=128, vocab="qwen3",
+                            n_vocab=32768, n_expert=16, n_expert_used=4, n_ff_exp=256),
 }
 # shapes of the published models these presets copy (HF configs; llama.cpp's conversion): parameter counts
 # are checked in tests/test_synth.py
@@ -154,21 +166,29 @@ _OUTPUT_Q6_K = ("q4_0", "q4_1", "q5_0", "q4_k", "q5_k", "q4_k_m")
 
 
 def tensor_type(quant: str, name: str, layer: int | None, n_layer: int, row_len: int, *, tied: bool = False,
-                llama_70b: bool = False) -> str:
+                llama_70b: bool = False, n_expert: int = 0) -> str:
     """GGML type name of one matrix in a file of mix `quant`, by llama.cpp's rules (llama_tensor_get_type):
 
     output.weight, and token_embd.weight when the output is tied to it: Q6_K in the quantized mixes;
     Q4_K_M: attn_v / attn_qkv and ffn_down Q6_K in the use_more_bits layers, the other attn_v Q5_K in
-    a llama 70B (80 layers, grouped-query attention); K-quants fall back to a 32-block type for rows
-    that are not a multiple of 256. Vectors (norms, biases, rope factors) are always F32.
+    a llama 70B (80 layers, grouped-query attention); with 8 experts (Mixtral) attn_k and attn_v Q8_0 and
+    attn_output Q5_K; ffn_down_exps as ffn_down. K-quants fall back to a 32-block type for rows that are
+    not a multiple of 256. Vectors (norms, biases, rope factors) and routers are always F32.
     """
     t = QUANTS[quant][0]
     if (name == "output.weight" or (tied and name == "token_embd.weight")) and quant in _OUTPUT_Q6_K:
         t = "Q6_K"
     elif quant == "q4_k_m" and layer is not None:
         if name.endswith(("attn_v.weight", "attn_qkv.weight")):
-            t = "Q6_K" if _use_more_bits(layer, n_layer) else ("Q5_K" if llama_70b else t)
-        elif name.endswith("ffn_down.weight") and _use_more_bits(layer, n_layer):
+            if n_expert == 8:
+                t = "Q8_0"
+            else:
+                t = "Q6_K" if _use_more_bits(layer, n_layer) else ("Q5_K" if llama_70b else t)
+        elif name.endswith("attn_k.weight") and n_expert == 8:
+            t = "Q8_0"
+        elif name.endswith("attn_output.weight") and n_expert == 8:
+            t = "Q5_K"
+        elif name.endswith(("ffn_down.weight", "ffn_down_exps.weight")) and _use_more_bits(layer, n_layer):
             t = "Q6_K"
     if t in _K_FALLBACK and row_len % 256:
         t = _K_FALLBACK[t]
@@ -194,7 +214,7 @@ def plan_tensors(p: Preset, quant: str, vocab: int) -> list[TensorSpec]:
 
     def w(name: str, shape: tuple[int, ...], layer: int | None = None) -> TensorSpec:
         return TensorSpec(name, shape, tensor_type(quant, name, layer, p.n_layer, shape[0], tied=p.tied_output,
-                                                   llama_70b=llama_70b), "weight")
+                                                   llama_70b=llama_70b, n_expert=p.n_expert), "weight")
 
     def vec(name: str, n: int, kind: str = "norm") -> TensorSpec:
         return TensorSpec(name, (n,), "F32", kind)
@@ -215,12 +235,17 @@ def plan_tensors(p: Preset, quant: str, vocab: int) -> list[TensorSpec]:
         if p.arch == "qwen2":
             specs += [vec(b + "attn_q.bias", q, "bias"), vec(b + "attn_k.bias", kv, "bias"), vec(b + "attn_v.bias", kv, "bias")]
         specs.append(w(b + "attn_output.weight", (q, d), i))
-        if p.arch in ("qwen3", "gemma3"):
+        if p.arch in ("qwen3", "gemma3", "qwen3moe"):
             specs += [vec(b + "attn_q_norm.weight", hd), vec(b + "attn_k_norm.weight", hd)]
         if p.arch == "gemma3":
             specs.append(vec(b + "post_attention_norm.weight", d))
         specs.append(vec(b + "ffn_norm.weight", d))
-        if p.arch == "phi3":  # gate and up fused: 2 * n_ff rows, the gate's first
+        if p.n_expert:  # the router (F32, never quantized) and the experts stacked on the slowest axis
+            fe, e = p.n_ff_exp or ff, p.n_expert
+            specs += [TensorSpec(b + "ffn_gate_inp.weight", (d, e), "F32", "router"),
+                      w(b + "ffn_gate_exps.weight", (d, fe, e), i), w(b + "ffn_down_exps.weight", (fe, d, e), i),
+                      w(b + "ffn_up_exps.weight", (d, fe, e), i)]
+        elif p.arch == "phi3":  # gate and up fused: 2 * n_ff rows, the gate's first
             specs += [w(b + "ffn_up.weight", (d, 2 * ff), i), w(b + "ffn_down.weight", (ff, d), i)]
         else:
             specs += [w(b + "ffn_gate.weight", (d, ff), i), w(b + "ffn_up.weight", (d, ff), i),
@@ -353,6 +378,8 @@ def random_floats(rng: np.random.Generator, n: int, kind: str, std: float = WEIG
     r = _raw(rng, 2 * n).view(np.int16).astype(np.float32) * np.float32(np.sqrt(3.0) / 32768.0)  # uniform, std 1
     if kind == "norm":
         return 1.0 + 0.05 * r
+    if kind == "router":  # peaked routing, as trained routers have: no near-equal picks
+        return r * np.float32(0.1)
     return r * np.float32(std)
 
 
@@ -428,7 +455,7 @@ def _write_metadata(w, p: Preset, like: str, quant: str) -> None:
     w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", p.norm_eps)
     if a in ("llama", "qwen2", "phi3"):
         w.add_uint32(f"{a}.rope.dimension_count", p.head_dim)
-    if a in ("qwen3", "gemma3") or p.head_dim != p.n_embd // p.n_head:
+    if a in ("qwen3", "gemma3", "qwen3moe") or p.head_dim != p.n_embd // p.n_head:
         w.add_uint32(f"{a}.attention.key_length", p.head_dim)
         w.add_uint32(f"{a}.attention.value_length", p.head_dim)
     if p.rope_scaling is not None:
@@ -444,6 +471,11 @@ def _write_metadata(w, p: Preset, like: str, quant: str) -> None:
         w.add_float32(f"{a}.rope.freq_base_swa", p.rope_base_swa)
     for key, value in p.extra_keys:
         w.add_uint32(f"{a}.{key}", value)
+    if p.n_expert:
+        w.add_uint32(f"{a}.expert_count", p.n_expert)
+        w.add_uint32(f"{a}.expert_used_count", p.n_expert_used)
+        if p.n_ff_exp:
+            w.add_uint32(f"{a}.expert_feed_forward_length", p.n_ff_exp)
     w.add_uint32("general.file_type", QUANTS[quant][1])
     w.add_uint32("general.quantization_version", gguf.GGML_QUANT_VERSION)
 

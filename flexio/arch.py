@@ -85,6 +85,15 @@ PHI3_BLOCK: dict[str, Shape] = {
     "ffn_up.weight": ("n_embd", "ff2"),
     "ffn_down.weight": ("n_ff", "n_embd"),
 }
+# Mixture-of-experts FFN (llama with expert_count > 0 = Mixtral; qwen3moe): a router (F32, one row per
+# expert) and the experts' three matrices stacked on the slowest axis, (row length, rows, n_expert).
+MOE_FFN: dict[str, Shape] = {
+    "ffn_gate_inp.weight": ("n_embd", "n_expert"),
+    "ffn_up_exps.weight": ("n_embd", "n_ff_exp", "n_expert"),
+    "ffn_down_exps.weight": ("n_ff_exp", "n_embd", "n_expert"),
+}
+MOE_GATE: dict[str, Shape] = {"ffn_gate_exps.weight": ("n_embd", "n_ff_exp", "n_expert")}
+DENSE_FFN = ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
 # llama's graph applies these when the file has them (src/models/llama.cpp: wo_b, ffn_*_b)
 LLAMA_BIASES: dict[str, Shape] = {"attn_output.bias": ("n_embd",), "ffn_gate.bias": ("n_ff",),
                                   "ffn_up.bias": ("n_ff",), "ffn_down.bias": ("n_embd",)}
@@ -110,6 +119,8 @@ COMMON_KEYS: dict[str, tuple[str, type, Any]] = {
     "rope_attn_factor": ("rope.scaling.attn_factor", float, 1.0),
     "n_ctx_orig": ("rope.scaling.original_context_length", int, None),
     "n_expert": ("expert_count", int, 0),
+    "n_expert_used": ("expert_used_count", int, 0),
+    "n_ff_exp": ("expert_feed_forward_length", int, 0),
     "n_nextn": ("nextn_predict_layers", int, 0),
     "head_dim_swa": ("attention.key_length_swa", int, None),
     "head_dim_v_swa": ("attention.value_length_swa", int, None),
@@ -142,17 +153,22 @@ class Family:
     q_scale: str | None = None  # Q scaled in f32 before attention (kq_scale 1): "head" 1/sqrt(head), "gemma3"
     embed_scale: bool = False  # embeddings times sqrtf(n_embd) (gemma3)
     swa: bool = False  # reads attention.sliding_window and its pattern (gemma3)
-    moe_refused: bool = True  # expert_count > 0 is refused (flexio has no mixture-of-experts FFN)
+    moe: str = "none"  # experts: "none" (expert_count > 0 refused), "optional" (llama: Mixtral), "required"
+    moe_ff_key: bool = False  # the experts' width is expert_feed_forward_length (qwen3moe), else feed_forward_length
+    moe_gate_required: bool = True  # llama.cpp's llama makes ffn_gate_exps optional (an expert is then down(silu(up)))
 
 
 FAMILIES: dict[str, Family] = {
-    "llama": Family("llama", LLAMA_BLOCK, optional=LLAMA_BIASES, rope_factors="llama", rope_dim_is_head=True),
+    "llama": Family("llama", LLAMA_BLOCK, optional=LLAMA_BIASES, rope_factors="llama", rope_dim_is_head=True,
+                    moe="optional", moe_gate_required=False),
     "qwen2": Family("qwen2", LLAMA_BLOCK, rope_neox=True, q_is_n_embd=True, rope_dim_is_head=True),
     "qwen3": Family("qwen3", LLAMA_BLOCK | QK_NORM, rope_neox=True, qk_norm=True, rope_dim_is_head=True),
     "gemma3": Family("gemma3", LLAMA_BLOCK | QK_NORM | POST_NORMS, rope_neox=True, qk_norm=True, post_norms=True,
                      ffn_act="gelu", q_scale="gemma3", embed_scale=True, swa=True, rope_dim_is_head=True),
     "phi3": Family("phi3", PHI3_BLOCK, rope_neox=True, rope_factors="longrope", fused_gate_up=True,
                    q_is_n_embd=True, q_scale="head"),
+    "qwen3moe": Family("qwen3moe", LLAMA_BLOCK | QK_NORM, rope_neox=True, qk_norm=True, rope_dim_is_head=True,
+                       moe="required", moe_ff_key=True),
 }
 SUPPORTED_ARCHS = tuple(FAMILIES)
 
@@ -211,6 +227,9 @@ class ModelConfig:
     logit_softcap: float = 0.0  # logits = c * tanh(logits / c) when c > 0 (final_logit_softcapping)
     qkv_fused: bool = False  # the blocks hold one attn_qkv matrix instead of attn_q/k/v
     qkv_bias: bool = False  # the blocks hold Q/K/V biases
+    n_expert: int = 0  # mixture of experts: experts per layer (0: a dense FFN)
+    n_expert_used: int = 0  # experts each token uses (k)
+    n_ff_exp: int = 0  # an expert's FFN width
     rope_neox: bool = field(init=False)  # NeoX pairs (i, i + d/2); llama rotates (2i, 2i + 1)
     qk_norm: bool = field(init=False)
     post_norms: bool = field(init=False)
@@ -248,6 +267,10 @@ class ModelConfig:
     @property
     def q_dim(self) -> int:
         return self.n_head * self.head_dim
+
+    @property
+    def moe(self) -> bool:
+        return self.n_expert > 0
 
     @property
     def kv_dim(self) -> int:
@@ -392,6 +415,7 @@ def model_config(metadata: Mapping[str, Any], tensors: Mapping[str, TensorInfo])
     else:
         names = ()
     qkv_fused = _qkv_layout(tensors, n_layer)
+    n_expert, n_used, n_ff_exp = _experts(fam, get, keys, n_ff)
     return ModelConfig(
         arch=arch, n_layer=n_layer, n_embd=n_embd, n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv,
         n_ctx_train=n_ctx, vocab_size=vocab, rope_base=rope_base, rope_dim=rope_dim, norm_eps=norm_eps,
@@ -400,15 +424,36 @@ def model_config(metadata: Mapping[str, Any], tensors: Mapping[str, TensorInfo])
         n_ctx_orig=n_ctx_orig, swa_window=swa_window, swa_layers=swa_layers, rope_base_swa=rope_base_swa,
         logit_softcap=softcap, qkv_fused=qkv_fused,
         qkv_bias=any(f"blk.{i}.{r}" in tensors for i in range(n_layer) for r in (*QKV_BIAS, *QKV_FUSED_BIAS)),
+        n_expert=n_expert, n_expert_used=n_used, n_ff_exp=n_ff_exp,
     )
+
+
+def _experts(fam: Family, get, keys: dict[str, str], n_ff: int) -> tuple[int, int, int]:
+    """(n_expert, n_expert_used, the experts' FFN width), all 0 for a dense model; checked against each other."""
+    n_expert = get("n_expert")
+    if fam.moe == "none" or (fam.moe == "optional" and not n_expert):
+        return 0, 0, 0
+    if n_expert < 1:
+        raise GGUFError(f"key {keys['n_expert']!r} = {n_expert} is invalid: {fam.name} needs at least 1 expert")
+    n_used = get("n_expert_used")
+    if not 1 <= n_used <= n_expert:
+        raise GGUFError(f"key {keys['n_expert_used']!r} = {n_used} is invalid: expected 1..{keys['n_expert']} "
+                        f"= {n_expert} experts per token")
+    n_ff_exp = n_ff
+    if fam.moe_ff_key:
+        n_ff_exp = get("n_ff_exp") or n_ff // n_used  # llama.cpp: n_ff / n_expert_used when the key is absent
+        if n_ff_exp < 1:
+            raise GGUFError(f"key {keys['n_ff_exp']!r} = {n_ff_exp} is invalid: expected at least 1")
+    return n_expert, n_used, n_ff_exp
 
 
 def _refuse_unsupported_keys(metadata: Mapping[str, Any], arch: str, fam: Family, get, keys: dict[str, str]) -> None:
     """Keys llama.cpp reads for this family that change the computation in a way flexio does not compute."""
     n_expert = get("n_expert")
-    if n_expert and fam.moe_refused:
-        raise UnsupportedError(f"key {keys['n_expert']!r} = {n_expert}: mixture-of-experts models are not supported "
-                               f"(supported: dense {', '.join(SUPPORTED_ARCHS)})")
+    if n_expert and fam.moe == "none":
+        moe = [a for a, f in FAMILIES.items() if f.moe != "none"]
+        raise UnsupportedError(f"key {keys['n_expert']!r} = {n_expert}: {arch} has no mixture-of-experts variant "
+                               f"(mixture-of-experts families: {', '.join(moe)})")
     n_nextn = get("n_nextn")
     if n_nextn:
         raise UnsupportedError(f"key {keys['n_nextn']!r} = {n_nextn}: multi-token-prediction layers are not supported")
@@ -524,7 +569,7 @@ def _vocab_size(metadata: Mapping[str, Any], keys: dict[str, str], arch: str, te
 def _dims(c: ModelConfig) -> dict[str, int]:
     return {"n_embd": c.n_embd, "n_ff": c.n_ff, "ff2": 2 * c.n_ff, "q_dim": c.q_dim, "kv_dim": c.kv_dim,
             "qkv_dim": c.q_dim + 2 * c.kv_dim, "head_dim": c.head_dim, "rope_half": c.rope_dim // 2,
-            "vocab_size": c.vocab_size}
+            "vocab_size": c.vocab_size, "n_expert": c.n_expert, "n_ff_exp": c.n_ff_exp}
 
 
 def _wanted(c: ModelConfig, tensors: Mapping[str, TensorInfo]) -> dict[str, tuple[Shape, bool]]:
@@ -538,8 +583,16 @@ def _wanted(c: ModelConfig, tensors: Mapping[str, TensorInfo]) -> dict[str, tupl
     qkv = QKV_FUSED if c.qkv_fused else QKV_SPLIT
     for i in range(c.n_layer):  # n_layer was checked against the tensor table: no bogus counts here
         p = f"blk.{i}."
-        want.update({p + role: (shape, True) for role, shape in (qkv | fam.block).items()})
+        block = dict(qkv | fam.block)
         optional = dict(fam.optional) | QKV_BIAS
+        if c.moe:  # the dense FFN (and its biases) gives way to the router and the experts
+            for role in DENSE_FFN:
+                block.pop(role, None)
+                optional.pop(role.replace(".weight", ".bias"), None)
+            block |= MOE_FFN | (MOE_GATE if fam.moe_gate_required else {})
+            if not fam.moe_gate_required:
+                optional |= MOE_GATE
+        want.update({p + role: (shape, True) for role, shape in block.items()})
         if c.qkv_fused:
             if p + "attn_qkv.bias" in tensors:
                 optional = dict(fam.optional) | QKV_FUSED_BIAS
@@ -566,6 +619,8 @@ def _dims_source(c: ModelConfig, dims: Shape) -> str:
         "ff2": f"2 x {a}.feed_forward_length", "q_dim": f"{a}.attention.head_count x head size",
         "kv_dim": f"{a}.attention.head_count_kv x head size", "qkv_dim": "q + 2 x kv head count x head size",
         "head_dim": "head size", "rope_half": f"{a}.rope.dimension_count / 2",
+        "n_expert": f"{a}.expert_count",
+        "n_ff_exp": f"{a}.expert_feed_forward_length" if FAMILIES[a].moe_ff_key else f"{a}.feed_forward_length",
     }
     return ", ".join(src[f] for f in dict.fromkeys(dims))
 
@@ -590,6 +645,8 @@ def check_tensors(c: ModelConfig, tensors: Mapping[str, TensorInfo]) -> None:
         # norm, bias and factor vectors are read as float arrays, not through a matmul kernel
         if len(shape) == 1 and t.ggml_type not in _VECTOR_TYPES:
             raise UnsupportedError(f"tensor {name!r} is a vector of type {t.type_name}; expected F32 or F16")
+        if name.endswith("ffn_gate_inp.weight") and t.ggml_type != _VECTOR_TYPES[0]:  # converters write F32
+            raise UnsupportedError(f"tensor {name!r} (a router) has type {t.type_name}; expected F32")
     unused = sorted(n for n in tensors if n not in wanted)
     if unused:
         shown = [f"{n} ({tensors[n].type_name}, {tensors[n].nbytes:,} bytes)" for n in unused[:10]]

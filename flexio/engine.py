@@ -38,7 +38,9 @@ from .errors import BudgetError, FlexioError, ParameterError
 from .fetch import model_path
 from .gguf import GGUFFile, ModelConfig, open_gguf
 from .batcher import END, Batcher, QueueFullError, Sequence as Request
+from .experts import POLICIES as EXPERT_POLICIES, ExpertCache, ExpertStats
 from .model import KVCache, LayerWeights, Model, Segment, Weight, vector, warmup_kernels
+from .moe import MoEWeights, ResidentExperts
 from .modes import POLICIES, Mode, mode as get_mode
 from .plan import CostModel, Plan, model_footprint, plan_budget
 from .prefetch import StageStream
@@ -101,6 +103,14 @@ class EngineMetrics:
     bytes_read_total: int  # weight bytes read from disk while generating
     weights_bytes: int  # memory the weights hold (resident + window + vectors)
     kv_cache_bytes: int  # memory the KV caches of all sequence slots hold
+    # mixtures of experts (0 for a dense model): experts the layers asked for, found cached, read on demand,
+    # read ahead by a prediction and then used, and the bytes expert reads took
+    experts_wanted_total: int = 0
+    experts_cached_total: int = 0
+    experts_missed_total: int = 0
+    experts_predicted_total: int = 0
+    experts_predicted_used_total: int = 0
+    experts_read_bytes_total: int = 0
 
 
 RATE_WINDOW_S = 10.0
@@ -143,7 +153,8 @@ class Engine:
     def __init__(self, model: str, *, budget: int | str | None = None, window: int = 3, policy: str = "auto",
                  mode: str | Mode | None = None, threads: int | None = None, n_ctx: int | None = None,
                  io_backend: str = "auto", cost: CostModel | None = None, lock: bool = True,
-                 parallel: int = 1, max_waiting: int = 1024, progress: Callable[[str], None] | None = None):
+                 parallel: int = 1, max_waiting: int = 1024, expert_policy: str = "lfu",
+                 progress: Callable[[str], None] | None = None):
         self.mode = get_mode(mode or ("memory" if budget is None else "flexinfer"))
         if policy not in POLICIES:
             raise ParameterError(f"policy: expected one of {', '.join(POLICIES)}, got {policy!r}", param="policy")
@@ -157,6 +168,9 @@ class Engine:
             raise ParameterError(f"parallel: expected 1..{MAX_PARALLEL} sequences, got {parallel!r}", param="parallel")
         if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 0:
             raise ParameterError(f"max_waiting: expected an integer >= 0, got {max_waiting!r}", param="max_waiting")
+        if expert_policy not in EXPERT_POLICIES:
+            raise ParameterError(f"expert_policy: expected one of {', '.join(EXPERT_POLICIES)}, got {expert_policy!r}",
+                                 param="expert_policy")
         if io_backend not in IO_BACKENDS:
             raise ParameterError(f"io_backend: expected one of {', '.join(IO_BACKENDS)}, got {io_backend!r}",
                                  param="io_backend")
@@ -164,7 +178,7 @@ class Engine:
             parse_size(budget, what="budget")  # a malformed size is refused before any file is opened
         self.model_ref = model
         self.budget, self.window, self.policy, self.parallel = budget, window, policy, parallel
-        self.max_waiting = max_waiting
+        self.max_waiting, self.expert_policy = max_waiting, expert_policy
         self.threads = check_threads(threads)
         self.io_backend, self.cost, self.lock = io_backend, cost, lock
         self._n_ctx = n_ctx
@@ -193,6 +207,7 @@ class Engine:
         self.arena: Arena | None = None
         self.reader: Reader | None = None
         self.stream: StageStream | None = None
+        self.experts: ExpertCache | ResidentExperts | None = None  # a mixture of experts' experts
         self.stats: GenerationStats | None = None
         self.load_seconds: dict[str, float] = {}  # loading step -> seconds (e.g. "kernels": JIT compile or cache load)
 
@@ -219,6 +234,8 @@ class Engine:
                 await self._step("calibrate", "measuring this disk and the kernels (once per disk)", self._calibrate)
             await self._step("weights", "reading resident weights", self._load_weights, path)
             await self._step("kv", "allocating the KV caches", self._allocate_caches)
+            if isinstance(self.experts, ExpertCache):
+                self.experts.bind(asyncio.get_running_loop())  # expert reads run on this loop, with the pump's
             self._batcher = Batcher(self.parallel, self.max_waiting)
             tg = await self._stack.enter_async_context(asyncio.TaskGroup())
             if self.stream.slots:
@@ -289,7 +306,8 @@ class Engine:
             what = "the whole model resident" if self.budget is None else f"a budget of {fmt_bytes(budget)}"
             raise BudgetError(f"{what} needs {budget:,} bytes, more than {limit[1]}: {limit[0]:,} bytes "
                               f"({fmt_bytes(limit[0])}); give a smaller budget (e.g. --budget 50%)")
-        self.plan = plan_budget(gf, budget, window=self.window, policy=self.policy, mode=self.mode, cost=self.cost)
+        self.plan = plan_budget(gf, budget, window=self.window, policy=self.policy, mode=self.mode, cost=self.cost,
+                                batch=self.parallel)
         if not self.mode.page_cache:
             # the plan's total counts every buffer padded as the arena pads it; the first slot may need
             # up to a page to reach 4096 alignment, and an all-resident streaming plan keeps 1-page slots
@@ -297,6 +315,10 @@ class Engine:
         if self.plan.streams:
             self.reader = Reader(path, backend=self.io_backend).open()
         self.stream = StageStream(gf, self.plan, self.reader, self.arena)
+        ex = self.plan.experts
+        if ex is not None:
+            self.experts = (ExpertCache(ex, self.reader, self.arena, self.expert_policy) if ex.where == "cache"
+                            else ResidentExperts(ex, self.stream.expert_tensors))
         self._emb_fd = os.open(path, os.O_RDONLY)
         self._build_weights()
 
@@ -310,17 +332,40 @@ class Engine:
                 parts = st.stage_parts(s.index, j)
                 if s.kind == "layer":
                     vectors = [(t, st.vector(t.name)) for t in self.gguf.layer_tensors(s.number) if len(t.shape) == 1]
-                    per_slot.append(LayerWeights.build(self.config, parts, vectors))
+                    per_slot.append(LayerWeights.build(self.config, parts, vectors, self._moe_weights(s.number)))
                 else:  # a head chunk: rows numbered in the full vocabulary
                     per_slot.append([Weight(t.name, t.ggml_type, t.n_rows, t.row_len, p) for t, p in parts])
             self._weights.append(per_slot)
         norm = self.gguf.by_name["output_norm.weight"]
         self._output_norm = vector(norm, st.vector(norm.name))
 
+    def _moe_weights(self, layer: int) -> MoEWeights | None:
+        """A layer's mixture-of-experts FFN: its resident router, the expert source, the next layer's router."""
+        ex = self.plan.experts
+        if ex is None:
+            return None
+        c, st = self.config, self.stream
+
+        def router(i: int) -> tuple[np.ndarray, np.ndarray]:
+            raw = st.vector(f"blk.{i}.ffn_gate_inp.weight")  # F32 (n_expert, n_embd), checked at open
+            return raw.view(np.float32).reshape(c.n_expert, c.n_embd), raw.reshape(c.n_expert, 4 * c.n_embd)
+
+        def norm(i: int) -> np.ndarray:
+            t = self.gguf.by_name[f"blk.{i}.ffn_norm.weight"]
+            return vector(t, st.vector(t.name))
+
+        r, r_raw = router(layer)
+        nxt = layer + 1 < c.n_layer
+        return MoEWeights(layer, r, r_raw, tuple(t.ggml_type for t in ex.layers[layer].tensors), self.experts,
+                          c.n_expert_used, norm=norm(layer), next_router=router(layer + 1)[0] if nxt else None,
+                          next_norm=norm(layer + 1) if nxt else None, predict=ex.predict)
+
     async def close(self) -> None:
         """Stop the pump, wait for the compute thread, release arena, reader and fds. Idempotent."""
         if self.stream is not None:
             self.stream.abort()  # wakes a compute thread blocked on a stage that will never come
+        if isinstance(self.experts, ExpertCache):
+            self.experts.abort()  # ... or on an expert
         if self._stack is not None:
             stack, self._stack = self._stack, None
             for task in (self._pump, self._scheduler):
@@ -328,6 +373,8 @@ class Engine:
                     task.cancel()
             await stack.aclose()
             self._pump = self._scheduler = None  # a cancelled task keeps its frames (and their buffer views) alive
+        if isinstance(self.experts, ExpertCache):
+            await self.experts.drain()  # the kernel must be done with every expert slot
         if self._batcher is not None:
             self._batcher.close(FlexioError("the engine was closed during the generation"))
             self._batcher = None
@@ -335,6 +382,9 @@ class Engine:
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await asyncio.get_running_loop().run_in_executor(None, pool.shutdown, True)
+        if isinstance(self.experts, ExpertCache):
+            self.experts.close()
+        self.experts = None
         if self.stream is not None:
             self.stream.close()
             self.stream = None
@@ -481,8 +531,13 @@ class Engine:
                 f"(or a larger context, up to the model's {self.config.n_ctx_train})", param="max_tokens")
 
     def _io_counters(self) -> tuple[float, int]:
+        """(seconds the compute thread waited for reads, bytes read): the stages' and the experts'."""
         st = self.stream.statistics()
-        return st.compute_wait_s, st.bytes_read
+        wait, nbytes = st.compute_wait_s, st.bytes_read
+        if isinstance(self.experts, ExpertCache):
+            ex = self.experts.statistics()
+            wait, nbytes = wait + ex.wait_s, nbytes + ex.bytes_read
+        return wait, nbytes
 
     def _check_file(self) -> None:
         """Warn once when the model file was deleted under us (we go on through the open descriptor)."""
@@ -594,7 +649,20 @@ class Engine:
             bytes_read_total=self.stream.statistics().bytes_read if self.stream else 0,
             weights_bytes=plan.total_bytes if plan and not self.mode.page_cache else 0,
             kv_cache_bytes=sum(c.nbytes for c in self._caches),
+            **self._expert_metrics(),
         )
+
+    def _expert_metrics(self) -> dict[str, int]:
+        if not isinstance(self.experts, ExpertCache):
+            return {}
+        x = self.experts.statistics()
+        return dict(experts_wanted_total=x.wanted, experts_cached_total=x.hits, experts_missed_total=x.misses,
+                    experts_predicted_total=x.predicted, experts_predicted_used_total=x.predicted_hits,
+                    experts_read_bytes_total=x.bytes_read)
+
+    def expert_statistics(self) -> ExpertStats | None:
+        """The expert cache's counters since open (None unless experts are read on demand)."""
+        return self.experts.statistics() if isinstance(self.experts, ExpertCache) else None
 
     async def generate(
         self, prompt: str, max_tokens: int = 128, sampling: SamplingParams | None = None, chat: bool = False,

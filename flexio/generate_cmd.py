@@ -104,7 +104,10 @@ async def _generate(args: argparse.Namespace) -> dict:
         prompt_ids = e.prompt_tokens(args.prompt, chat=args.chat)
         tokens: list[int] = []
         dec = StreamDecoder(e.tokenizer)
+        ex0 = None
         async for tok in e.generate_tokens(prompt_ids, args.max_tokens, sampling, ignore_eos=args.ignore_eos):
+            if not tokens:  # the first token comes from the prompt's pass: decode starts now
+                ex0 = e.expert_statistics()
             tokens.append(tok)
             if not args.json:
                 sys.stdout.write(dec.push(tok))
@@ -132,9 +135,32 @@ async def _generate(args: argparse.Namespace) -> dict:
             "decode_stream_gbps": round(st.decode_bytes_read / st.decode_seconds / 1e9, 3) if st.decode_seconds else None,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "load_seconds": e.load_seconds,
+            **_experts_json(e, ex0, len(tokens)),
         }
+
     finally:
         await e.close()
+
+
+def _experts_json(e, ex0, generated: int) -> dict:
+    """A mixture of experts' decode: how its experts came (cached, predicted, read) per token."""
+    ex = e.plan.experts
+    if ex is None:
+        return {}
+    out = {"experts": {"per_token": ex.n_used, "of": ex.n_expert, "where": ex.where, "cached_per_layer":
+                       ex.cached_per_layer, "expected_bytes_per_token": round(ex.expected_bytes_per_token)}}
+    x1 = e.expert_statistics()
+    passes = generated - 1
+    if ex0 is not None and x1 is not None and passes > 0:
+        d = {f: getattr(x1, f) - getattr(ex0, f) for f in ("wanted", "hits", "predicted_hits", "misses", "predicted",
+                                                           "mispredicted", "bytes_read")}
+        out["experts"].update(
+            hit_rate=round(d["hits"] / d["wanted"], 4) if d["wanted"] else None,
+            prediction_hit_rate=round(d["predicted_hits"] / d["predicted"], 4) if d["predicted"] else None,
+            reads_per_token=round((d["misses"] + d["predicted"]) / passes, 2),
+            mispredicted_per_token=round(d["mispredicted"] / passes, 2),
+            bytes_read_per_token=round(d["bytes_read"] / passes))
+    return out
 
 
 def run(args: argparse.Namespace) -> int:

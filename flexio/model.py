@@ -32,6 +32,7 @@ from flexio_kernels import dequantize_rows, matmul
 from flexio_kernels import ops
 
 from .gguf import ModelConfig, TensorInfo
+from .moe import MoEWeights, moe_ffn, predict
 
 F32, F16 = int(GGMLQuantizationType.F32), int(GGMLQuantizationType.F16)
 KEEP_SCRATCH_ROWS = 64  # scratch buffers of batches up to this many rows are kept between passes
@@ -88,9 +89,9 @@ class LayerWeights:
     wv: Weight  # (kv, d)
     wo: Weight  # (d, q)
     ffn_norm: np.ndarray  # (d,)
-    wg: Weight  # (ff, d)
-    wu: Weight  # (ff, d)
-    wd: Weight  # (d, ff)
+    wg: Weight | None = None  # (ff, d)   a dense FFN (None in a mixture-of-experts block)
+    wu: Weight | None = None  # (ff, d)
+    wd: Weight | None = None  # (d, ff)
     bq: np.ndarray | None = None  # (q,)   biases: qwen2, and any family's file that has them
     bk: np.ndarray | None = None  # (kv,)
     bv: np.ndarray | None = None  # (kv,)
@@ -102,10 +103,11 @@ class LayerWeights:
     k_norm: np.ndarray | None = None  # (hd,)
     post_attn_norm: np.ndarray | None = None  # (d,) gemma3
     post_ffn_norm: np.ndarray | None = None  # (d,) gemma3
+    moe: MoEWeights | None = None  # a mixture-of-experts FFN (router, experts) instead of wg/wu/wd
 
     @classmethod
     def build(cls, cfg: ModelConfig, mats: list[tuple[TensorInfo, list[tuple[int, np.ndarray]]]],
-              vectors: list[tuple[TensorInfo, np.ndarray]]) -> LayerWeights:
+              vectors: list[tuple[TensorInfo, np.ndarray]], moe: MoEWeights | None = None) -> LayerWeights:
         """One block's tensors -> its weights: each GGUF role to its field (LAYER_FIELDS), fused tensors
         cut by rows into their parts' fields (FUSED_ROWS). mats: (tensor, row parts) of the matrices;
         vectors: (tensor, raw bytes) of the 1-D tensors."""
@@ -130,7 +132,7 @@ class LayerWeights:
                 for name, n in split:
                     out[name] = v[r0 : r0 + n]
                     r0 += n
-        return cls(**out)
+        return cls(**out, moe=moe)
 
 
 # GGUF role -> LayerWeights field: the one map from a file's block tensors to the forward pass.
@@ -362,13 +364,15 @@ class Model:
         same as if its sequence ran alone."""
         c = self.cfg
         s = self.scratch(x.shape[0])
+        if w.moe is not None:  # start reading the experts this layer and the next will probably want
+            predict(w.moe, x, c.norm_eps)
         ops.rmsnorm(x, w.attn_norm, c.norm_eps, s.h)
         self._attention(i, w, s, segments)  # s.h -> s.o
         if w.post_attn_norm is not None:
             ops.rmsnorm(s.o, w.post_attn_norm, c.norm_eps, s.o)
         ops.add_inplace(x, s.o)
         ops.rmsnorm(x, w.ffn_norm, c.norm_eps, s.h)
-        self._ffn(i, w, s.h, s.o)
+        self._ffn(i, w, s.h, s.o, segments)
         if w.post_ffn_norm is not None:
             ops.rmsnorm(s.o, w.post_ffn_norm, c.norm_eps, s.o)
         ops.add_inplace(x, s.o)
@@ -413,11 +417,20 @@ class Model:
         if w.bo is not None:
             ops.add_bias(s.o, w.bo)
 
-    def _ffn(self, i: int, w: LayerWeights, h: np.ndarray, out: np.ndarray) -> None:
+    def _ffn(self, i: int, w: LayerWeights, h: np.ndarray, out: np.ndarray, segments: list[Segment]) -> None:
         """The FFN of block i: h (n, d), the normalised input -> out (n, d), before any post-norm and the
-        residual add. The one place an FFN variant is chosen: a mixture-of-experts FFN slots in here,
-        dispatched on its own LayerWeights fields; every dense family runs `_dense_ffn`."""
-        self._dense_ffn(w, h, out)
+        residual add. The one place an FFN variant is chosen: a mixture of experts (flexio/moe.py) when
+        the block has one, else `_dense_ffn`."""
+        if w.moe is None:
+            self._dense_ffn(w, h, out)
+            return
+        # llama.cpp computes a token alone one way and a batch another (the router's F32 matmul); its last
+        # layer runs only the rows whose logits are wanted, each alone
+        single = np.zeros(h.shape[0], np.bool_)
+        for seg in segments:
+            if seg.n == 1 or i == self.cfg.n_layer - 1:
+                single[seg.row0 : seg.row0 + seg.n] = True
+        moe_ffn(w.moe, h, single, out)
 
     def _dense_ffn(self, w: LayerWeights, h: np.ndarray, out: np.ndarray) -> None:
         """out = W_down . act(W_gate . h) * (W_up . h), act = SiLU (SwiGLU) or GELU-tanh (GeGLU), as

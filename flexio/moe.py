@@ -8,8 +8,8 @@ computed once for all the rows that picked it (its weights are read once), in wh
 order the experts arrive from the ExpertSource (cached ones first, reads as they land):
 each output element is a single dot product, so the order changes nothing.
 
-Prediction: before layer i's FFN runs, layer i + 1's router applied to layer i's input tells
-which experts the next layer will probably want; the source starts reading them early.
+Prediction (pre-gating): before layer i runs, layer i + 1's router applied to layer i's input
+tells which experts the next layer will probably want; the source starts reading them early.
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ class MoEWeights:
     types: tuple[int, ...]  # ggml types of the expert tensors: (gate, up, down) or (up, down)
     experts: ExpertSource
     n_used: int
+    norm: np.ndarray | None = None  # (d,): this layer's ffn_norm (to predict layer 0 from its input)
     next_router: np.ndarray | None = None  # (n_expert, d) f32: layer + 1's router
     next_norm: np.ndarray | None = None  # (d,): layer + 1's ffn_norm
     predict: bool = True
@@ -101,15 +102,23 @@ def router_logits(mw: MoEWeights, h: np.ndarray, single: np.ndarray) -> np.ndarr
     return logits
 
 
-def predict_next(mw: MoEWeights, x: np.ndarray, eps: float) -> None:
-    """Start reading the experts layer + 1 will probably want: its router on this layer's input x (n, d)."""
-    if not mw.predict or mw.next_router is None:
+def predict(mw: MoEWeights, x: np.ndarray, eps: float) -> None:
+    """Before layer i runs: start reading the experts layer i + 1 will probably want, by applying its router to
+    layer i's input x (n, d) (and, before the first layer, layer 0's own). A hint: its rounding does not matter."""
+    if not mw.predict:
         return
+    if mw.layer == 0:
+        _predict(mw, 0, mw.router, mw.norm, x, eps)
+    if mw.next_router is not None:
+        _predict(mw, mw.layer + 1, mw.next_router, mw.next_norm, x, eps)
+
+
+def _predict(mw: MoEWeights, layer: int, router: np.ndarray, norm: np.ndarray, x: np.ndarray, eps: float) -> None:
     h = np.empty_like(x)
-    ops.rmsnorm(x, mw.next_norm, eps, h)
-    logits = h @ mw.next_router.T  # a hint: its rounding does not matter
+    ops.rmsnorm(x, norm, eps, h)
+    logits = h @ router.T
     best = np.argsort(-logits, axis=1, kind="stable")[:, : mw.n_used]  # each row's k likeliest, best first
-    mw.experts.predict(mw.layer + 1, list(dict.fromkeys(best.T.reshape(-1).tolist())))  # rank by rank
+    mw.experts.predict(layer, list(dict.fromkeys(best.T.reshape(-1).tolist())))  # rank by rank over the rows
 
 
 def moe_ffn(mw: MoEWeights, h: np.ndarray, single: np.ndarray, out: np.ndarray) -> None:

@@ -106,6 +106,10 @@ class StageStream:
         p, gf = self.plan, self.gf
         self._resident: dict[tuple[str, int], np.ndarray] = {}  # (name, row0) -> uint8 (rows, row_bytes)
         self._vectors: dict[str, np.ndarray] = {}
+        # mixture of experts held whole (memory mode) or mapped (mmap mode): layer -> a uint8 (rows, row_bytes)
+        # array per expert tensor; with an expert cache (flexio/experts.py) the experts are not the stream's
+        self.expert_tensors: dict[int, list[np.ndarray]] = {}
+        ex = p.experts if p.experts is not None and p.experts.where != "cache" else None
         if p.mode.page_cache:  # llama.cpp's way: views of a shared read-only mapping, the page cache does the rest
             m = np.memmap(gf.path, np.uint8, "r")
             for t in p.vectors:
@@ -116,6 +120,9 @@ class StageStream:
                     self._resident[(tp.info.name, tp.row0)] = a.reshape(tp.resident_rows, tp.info.row_bytes)
             emb = p.embedding
             self._emb = m[emb.offset : emb.offset + emb.nbytes].reshape(emb.n_rows, emb.row_bytes)
+            for L in ex.layers if ex else ():
+                self.expert_tensors[L.layer] = [m[t.offset : t.offset + t.nbytes].reshape(t.n_rows, t.row_bytes)
+                                                for t in L.tensors]
             return
         fd = os.open(gf.path, os.O_RDONLY)
         try:
@@ -130,6 +137,13 @@ class StageStream:
                         _read_exact(fd, buf.view, tp.info.offset)
                         self._resident[(tp.info.name, tp.row0)] = np.frombuffer(buf.view, np.uint8).reshape(
                             tp.resident_rows, tp.info.row_bytes)
+            for L in ex.layers if ex else ():
+                arrays = []
+                for t in L.tensors:
+                    buf = self._alloc(t.nbytes, f"res:{t.name}")
+                    _read_exact(fd, buf.view, t.offset)
+                    arrays.append(np.frombuffer(buf.view, np.uint8).reshape(t.n_rows, t.row_bytes))
+                self.expert_tensors[L.layer] = arrays
             emb = p.embedding
             if p.embedding_resident and not p.tied:
                 buf = self._alloc(emb.nbytes, "res:token_embd")
@@ -302,6 +316,7 @@ class StageStream:
         """Drop every view of arena memory, then give the buffers back (the arena can then unmap)."""
         self._resident.clear()
         self._vectors.clear()
+        self.expert_tensors.clear()
         self._emb = None
         for b in self._bufs:
             b.release()
