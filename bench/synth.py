@@ -491,13 +491,15 @@ def synthesize(
     copy_tokenizer: bool = False,
     extra_keys: dict[str, Any] | None = None,
     extra_tensors: tuple[TensorSpec, ...] = (),
+    overrides: dict[str, Any] | None = None,
 ) -> str:
     """Write a synthetic GGUF shaped like preset `like` with weights of type `quant`; returns `out`.
 
     The tokenizer is built in the preset's kind from SmolLM2's (or `tokenizer_from`'s) tokens, or
     copied from `tokenizer_from` as it is for the llama2/qwen2 presets or with copy_tokenizer=True.
     extra_keys (name -> int, float or str) and extra_tensors add what a variant of the family has
-    (tests: gemma's final_logit_softcapping, llama's optional biases).
+    (tests: gemma's final_logit_softcapping, llama's optional biases); overrides replace preset
+    fields (n_embd, head_dim, ...: the fuzzer's narrow files).
     """
     from gguf import GGMLQuantizationType, GGUFWriter, GGML_QUANT_SIZES
 
@@ -510,6 +512,8 @@ def synthesize(
         if n_layer <= 0:
             raise FlexioError(f"n_layer must be positive, got {n_layer}")
         p = replace(p, n_layer=n_layer)
+    if overrides:
+        p = replace(p, **overrides)
     src = tokenizer_source(tokenizer_from)
     if not os.path.exists(src):
         raise GGUFError(f"tokenizer source {src!r}: no such file")

@@ -388,9 +388,13 @@ def model_config(metadata: Mapping[str, Any], tensors: Mapping[str, TensorInfo])
         factor = get("rope_scale_linear")
     if not (math.isfinite(factor) and factor >= 0):
         raise GGUFError(f"key {keys['rope_scale_factor']!r} = {factor} is invalid: expected a finite number >= 0")
-    rope_scale = 1.0 if factor == 0.0 or scaling == "none" else float(np.float32(1.0) / np.float32(factor))
+    with np.errstate(over="ignore", divide="ignore"):
+        rope_scale = 1.0 if factor == 0.0 or scaling == "none" else float(np.float32(1.0) / np.float32(factor))
+    if not (math.isfinite(rope_scale) and rope_scale > 0):
+        raise GGUFError(f"key {keys['rope_scale_factor']!r} = {factor}: its inverse (the rope frequency scale) "
+                        f"is {rope_scale} in float32, expected a finite number > 0")
     attn_factor = get("rope_attn_factor")
-    if not math.isfinite(attn_factor):
+    if not math.isfinite(np.float32(attn_factor)):
         raise GGUFError(f"key {keys['rope_attn_factor']!r} = {attn_factor} is invalid: expected a finite number")
     n_ctx_orig = get("n_ctx_orig", n_ctx)
     if n_ctx_orig < 0:

@@ -173,7 +173,12 @@ class Batcher:
             if seq.generated >= seq.max_tokens:  # max_tokens 0: the prompt is read, nothing generated
                 self._end(seq, "length")
                 continue
-            tok = seq.sampler(lg)
+            try:
+                tok = seq.sampler(lg)
+            except FlexioError as e:  # non-finite logits (corrupt weights): this sequence ends with the error
+                seq.error = e.with_traceback(None)
+                self._end(seq, "error")
+                continue
             if tok in seq.stop_ids:
                 self._end(seq, "eos")
                 continue

@@ -34,7 +34,7 @@ import numpy as np
 
 from .arena import Arena, memory_limit
 from .calibrate import calibrate
-from .errors import BudgetError, FlexioError, ParameterError
+from .errors import BudgetError, FlexioError, GGUFError, ParameterError
 from .fetch import model_path
 from .gguf import GGUFFile, ModelConfig, open_gguf
 from .batcher import END, Batcher, QueueFullError, Sequence as Request
@@ -271,6 +271,10 @@ class Engine:
         if factors is not None:
             t = gf.by_name[factors]
             factors = vector(t, gf.read_tensor_bytes(t)).copy()
+            if not (np.isfinite(factors).all() and (factors > 0).all()):
+                bad = next(float(f) for f in factors if not (np.isfinite(f) and f > 0))
+                raise GGUFError(f"tensor {t.name!r} holds {bad}: rope frequency factors divide the rotation "
+                                "angles, expected finite numbers > 0")
         self.model = Model(c, self.n_ctx_seq, factors)
         numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
 

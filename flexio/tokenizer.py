@@ -61,6 +61,12 @@ _QWEN2 = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _DEFAULT = (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]")
+# Mistral's Tekken (Nemo, Small 3): llama.cpp's rewrite of the tokenizer.json regex, whose classes
+# [\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}] / [\p{Ll}\p{Lm}\p{Lo}\p{M}] become "a letter but not a-z" / "not A-Z"
+_TEKKEN = (
+    r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+"
+    r"((?=[\p{L}])([^A-Z]))*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 # name -> (regexes applied in order, llama3-style "ignore_merges" + add_bos default)
 _PRE: dict[str, tuple[tuple[str, ...], bool]] = {}
@@ -71,16 +77,23 @@ for _names, _regexes, _llama3 in (
     (("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"), (r"\p{N}", _GPT2), False),
     (("qwen2", "stablelm2", "deepseek-r1-qwen", "megrez", "hunyuan"), (_QWEN2,), False),
     (("chatglm-bpe", "glm4"), (_LLAMA3,), False),
+    (("tekken",), (_TEKKEN,), True),
 ):
     for _n in _names:
         _PRE[_n] = (_regexes, _llama3)
 # dbrx / smaug use the llama3 regex but not its ignore_merges/add_bos defaults
 _PRE["dbrx"] = _PRE["smaug-bpe"] = ((_LLAMA3,), False)
 
-# Token texts llama.cpp treats as end-of-generation even when no metadata key names them.
+# Token texts llama.cpp treats as end-of-generation even when no metadata key names them
+# (src/llama-vocab.cpp, the special_eog_ids loop), and the fill-in-the-middle pad / repo / file-separator
+# tokens it detects by text and adds to them.
 _EOG_TEXTS = frozenset({
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>",
-    "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>",
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>", "<end_of_turn>",
+    "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]", "<|end_of_text|>",
+    "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>", "<\uff5cend\u2581of\u2581sentence\uff5c>", "[e~[",
+    "<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]",
+    "<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>",
+    "<|file_sep|>",
 })
 
 

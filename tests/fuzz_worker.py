@@ -41,17 +41,22 @@ def invariants(g) -> list[str]:
     spans.sort()
     bad += [f"tensors {a[2]!r} and {b[2]!r} overlap" for a, b in zip(spans, spans[1:]) if a[1] > b[0]]
     c = g.config
-    if c.n_head < 1 or c.n_embd != c.n_head * c.head_dim or c.head_dim % 2:
-        bad.append(f"head size: n_embd {c.n_embd}, n_head {c.n_head}")
+    hd = c.head_dim
+    if c.n_head < 1 or hd < 2 or hd % 2:
+        bad.append(f"head size {hd}, n_head {c.n_head}")
     if c.n_head_kv < 1 or c.n_head % c.n_head_kv:
         bad.append(f"n_head_kv {c.n_head_kv} vs n_head {c.n_head}")
-    if not (2 <= c.rope_dim <= c.head_dim and c.rope_dim % 2 == 0):
-        bad.append(f"rope_dim {c.rope_dim} vs head size {c.head_dim}")
+    if not (2 <= c.rope_dim <= hd and c.rope_dim % 2 == 0):
+        bad.append(f"rope_dim {c.rope_dim} vs head size {hd}")
     if c.n_ctx_train < 1 or c.n_ff < 1 or c.n_layer < 1:
         bad.append(f"n_ctx_train {c.n_ctx_train}, n_ff {c.n_ff}, n_layer {c.n_layer}")
-    for v in (c.norm_eps, c.rope_base):
+    for v in (c.norm_eps, c.rope_base, c.rope_base_swa):
         if not (math.isfinite(v) and v > 0):
-            bad.append(f"eps {c.norm_eps}, rope base {c.rope_base}")
+            bad.append(f"eps {c.norm_eps}, rope bases {c.rope_base}, {c.rope_base_swa}")
+    if not (math.isfinite(c.rope_scale) and c.rope_scale > 0 and math.isfinite(c.rope_attn_factor)):
+        bad.append(f"rope scale {c.rope_scale}, attn factor {c.rope_attn_factor}")
+    if c.swa_window < 0 or len(c.swa_layers) != c.n_layer:
+        bad.append(f"sliding window {c.swa_window}, {len(c.swa_layers)} layer flags")
     emb = g.by_name["token_embd.weight"]
     tokens = g.metadata.get("tokenizer.ggml.tokens")
     if emb.shape != (c.n_embd, c.vocab_size) or (tokens is not None and len(tokens) != c.vocab_size):
@@ -59,18 +64,31 @@ def invariants(g) -> list[str]:
     layers = {t.layer for t in g.tensors if t.layer is not None}
     if layers != set(range(c.n_layer)):
         bad.append(f"block_count {c.n_layer} vs blocks {sorted(layers)[:5]}...")
-    kv = c.n_head_kv * c.head_dim
+    for name in c.rope_factors:
+        if g.by_name[name].shape != (c.rope_dim // 2,):
+            bad.append(f"{name}: {g.by_name[name].shape}")
+    d, q, kv, ff = c.n_embd, c.n_head * hd, c.n_head_kv * hd, c.n_ff
     for i in range(c.n_layer):
-        want = {"attn_q.weight": (c.n_embd, c.n_embd), "attn_k.weight": (c.n_embd, kv), "attn_v.weight": (c.n_embd, kv),
-                "attn_output.weight": (c.n_embd, c.n_embd), "ffn_gate.weight": (c.n_embd, c.n_ff),
-                "ffn_up.weight": (c.n_embd, c.n_ff), "ffn_down.weight": (c.n_ff, c.n_embd),
-                "attn_norm.weight": (c.n_embd,), "ffn_norm.weight": (c.n_embd,)}
+        want = {"attn_output.weight": (q, d), "ffn_down.weight": (ff, d), "attn_norm.weight": (d,),
+                "ffn_norm.weight": (d,)}
+        if f"blk.{i}.attn_qkv.weight" in g.by_name:
+            want["attn_qkv.weight"] = (d, q + 2 * kv)
+        else:
+            want.update({"attn_q.weight": (d, q), "attn_k.weight": (d, kv), "attn_v.weight": (d, kv)})
+        if c.arch == "phi3":
+            want["ffn_up.weight"] = (d, 2 * ff)
+        else:
+            want.update({"ffn_gate.weight": (d, ff), "ffn_up.weight": (d, ff)})
+        if c.arch in ("qwen3", "gemma3"):
+            want.update({"attn_q_norm.weight": (hd,), "attn_k_norm.weight": (hd,)})
         for role, shape in want.items():
             t = g.by_name.get(f"blk.{i}.{role}")
             if t is None or t.shape != shape:
                 bad.append(f"blk.{i}.{role}: {t.shape if t else None} != {shape}")
-        if c.qkv_bias and g.by_name[f"blk.{i}.attn_k.bias"].shape != (kv,):
-            bad.append(f"blk.{i}.attn_k.bias")
+        for role, n in (("attn_q.bias", q), ("attn_k.bias", kv), ("attn_v.bias", kv)):
+            t = g.by_name.get(f"blk.{i}.{role}")
+            if t is not None and t.shape != (n,):
+                bad.append(f"blk.{i}.{role}: {t.shape} != {(n,)}")
     return bad
 
 

@@ -192,6 +192,28 @@ def test_batcher_admission_cancellation_and_limits():
     asyncio.run(main())
 
 
+def test_non_finite_logits_end_that_sequence_only():
+    """A sampler that refuses its logits (NaN from corrupt weights, found by the fuzzer on a qwen3 file)
+    ends its sequence with the NumericalError; the batch and the other sequences go on."""
+    from flexio.errors import NumericalError
+
+    async def main():
+        b = Batcher(parallel=2, max_waiting=2, prefill_rows=8)
+        s1 = _seq(2)
+        s2 = Sequence(list(range(10, 12)), 4, Sampler(SamplingParams(temperature=0.7, seed=0)), frozenset({0}))
+        b.submit(s1)
+        b.submit(s2)
+        rows = b.plan()
+        bad = _logits(5)
+        bad[3] = np.nan
+        b.finish_pass(rows, [_logits(5), bad], 0.0, 0)
+        assert s1.queue.get_nowait() == 5 and s1.stop_reason is None
+        assert s2.stop_reason == "error" and isinstance(s2.error, NumericalError) and s2.queue.get_nowait() is END
+        assert [r.seq for r in b.plan()] == [s1]
+
+    asyncio.run(main())
+
+
 def test_an_engine_used_from_another_event_loop_says_so_instead_of_hanging(smollm2_path):
     e = Engine(smollm2_path, threads=2)
     asyncio.run(e.open())  # this loop ends here, and the engine's scheduler task with it

@@ -180,12 +180,25 @@ def layout(d: bytes) -> Layout:
 
 # --- the bases ----------------------------------------------------------------------------
 
+# synthesized bases -> the small tokenizer they copy (each family's real files: BPE or SentencePiece)
+TINY_BASES = {"tiny-llama": "spm", "tiny-qwen2": "bpe", "tiny-llama3": "bpe", "tiny-qwen3": "bpe",
+              "tiny-gemma3": "spm", "tiny-phi3": "spm"}
+
+
+# the families' tiny presets, narrowed so that a case (a whole file) stays small: their tensor kinds
+# (fused attn_qkv and gate+up, Q/K norms, post-norms, rope factors, sliding-window keys) are kept
+NARROW = {"tiny-llama3": dict(n_embd=256, n_ff=512, n_head=4, n_head_kv=2, head_dim=64),
+          "tiny-qwen3": dict(n_embd=256, n_ff=512, n_head=4, n_head_kv=2, head_dim=96),
+          "tiny-gemma3": dict(n_embd=256, n_ff=512, n_head=2, n_head_kv=1, head_dim=128),
+          "tiny-phi3": dict(n_embd=256, n_ff=512, n_head=4, n_head_kv=4, head_dim=64)}
+
 
 def synthesize_tiny(preset: str, out: str, tokenizer_from: str) -> str:
     """The one place this module uses the synthesis tool (flexio_bench: the runtime never imports it)."""
     from flexio_bench.synth import synthesize
 
-    return synthesize(preset, "q4_0", out, tokenizer_from=tokenizer_from, n_layer=2)
+    return synthesize(preset, "q4_0", out, tokenizer_from=tokenizer_from, n_layer=2, copy_tokenizer=True,
+                      overrides=NARROW.get(preset))
 
 
 _WORDS = ["the", "cat", "sat", "on", "hat", "hello", "world", "capital", "of", "France", "is", "Paris", "and", "in"]
@@ -437,13 +450,11 @@ def pool(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory, smollm2_path) -> dict[str, Base]:
     d = tmp_path_factory.mktemp("fuzz-bases")
-    llama = synthesize_tiny("tiny-llama", str(d / "tiny-llama.gguf"), write_spm_tokenizer(str(d / "spm.gguf")))
-    qwen2 = synthesize_tiny("tiny-qwen2", str(d / "tiny-qwen2.gguf"), write_bpe_tokenizer(str(d / "bpe.gguf")))
-    return {
-        "tiny-llama": make_base("tiny-llama", llama, sparse=False),
-        "tiny-qwen2": make_base("tiny-qwen2", qwen2, sparse=False),
-        "smollm2": make_base("smollm2", smollm2_path, sparse=True),
-    }
+    spm, bpe = write_spm_tokenizer(str(d / "spm.gguf")), write_bpe_tokenizer(str(d / "bpe.gguf"))
+    out = {name: make_base(name, synthesize_tiny(name, str(d / f"{name}.gguf"), tok), sparse=False)
+           for name, tok in TINY_BASES.items() for tok in [spm if tok == "spm" else bpe]}
+    out["smollm2"] = make_base("smollm2", smollm2_path, sparse=True)
+    return out
 
 
 # --- mutations ----------------------------------------------------------------------------
@@ -481,7 +492,7 @@ def nested(depth: int) -> bytes:
 
 @st.composite
 def mutations(draw, bases: dict[str, Base]) -> Mutation:
-    name = draw(st.sampled_from(["tiny-llama", "tiny-qwen2", "tiny-llama", "tiny-qwen2", "smollm2"]))
+    name = draw(st.sampled_from([*TINY_BASES, "tiny-llama", "tiny-qwen2", "smollm2"]))
     b = bases[name]
     d, lay = b.head, b.lay
     kind = draw(st.sampled_from(["boundary"] * 6 + ["value"] * 3 + ["bitflip"] * 4 + ["truncate"] * 2
@@ -629,7 +640,7 @@ def _report(stats: Counter, pool: Pool, t: float) -> None:
 def test_fuzz_headers(pool, bases, tmp_path):
     """2,000 cases: every field of the tiny files with one boundary value, then hypothesis."""
     t0 = time.perf_counter()
-    sweep = boundary_sweep(bases["tiny-llama"], False) + boundary_sweep(bases["tiny-qwen2"], False)
+    sweep = [m for name in TINY_BASES for m in boundary_sweep(bases[name], False)]
     stats = fuzz(pool, bases, tmp_path, n_cases=2000, smollm2_gen_every=8, seed_=20250101, sweep=sweep)
     _report(stats, pool, time.perf_counter() - t0)
     assert stats["cases"] >= 2000 and stats["generated"] >= 10, stats
@@ -640,7 +651,7 @@ def test_fuzz_headers_many(pool, bases, tmp_path):
     """20,000 cases: every boundary value in every field of the tiny files, one in every field of
     SmolLM2's header (all 272 tensor infos), then hypothesis."""
     t0 = time.perf_counter()
-    sweep = [m for name in ("tiny-llama", "tiny-qwen2") for m in boundary_sweep(bases[name], True)]
+    sweep = [m for name in TINY_BASES for m in boundary_sweep(bases[name], True)]
     sweep += boundary_sweep(bases["smollm2"], False)
     stats = fuzz(pool, bases, tmp_path, n_cases=20000, smollm2_gen_every=16, seed_=31337, sweep=sweep)
     _report(stats, pool, time.perf_counter() - t0)
@@ -745,19 +756,20 @@ def test_deeply_nested_arrays(pool, tmp_path):
 def test_unsupported_family_is_refused_when_its_key_is_read(pool, tmp_path):
     # The architecture key first, then a 262k-token array whose strings are not in the file:
     # refused as unsupported (not as truncated) means nothing after the key was parsed.
-    kvs = [kv("general.architecture", V.STRING, "gemma3"), kv_array("tokenizer.ggml.tokens", V.STRING, [], 262144)]
-    path = tmp_path / "gemma3-cut.gguf"
+    kvs = [kv("general.architecture", V.STRING, "jamba"), kv_array("tokenizer.ggml.tokens", V.STRING, [], 262144)]
+    path = tmp_path / "jamba-cut.gguf"
     path.write_bytes(gguf_bytes(kvs, n_tensors=0))
-    refused(pool, str(path), UnsupportedError, r"architecture 'gemma3' is not supported \(supported: llama, qwen2\)")
-    # A whole gemma3-sized vocabulary before the key: parsed in time proportional to it.
+    refused(pool, str(path), UnsupportedError,
+            r"architecture 'jamba' is not supported \(supported: llama, qwen2, qwen3, gemma3, phi3\)")
+    # A whole 262k-token vocabulary before the key: parsed in time proportional to it.
     tokens = [f"tok{i}" for i in range(262144)]
     kvs = [kv("tokenizer.ggml.model", V.STRING, "llama"), kv_array("tokenizer.ggml.tokens", V.STRING, tokens),
            kv_array("tokenizer.ggml.scores", V.FLOAT32, [0.0] * len(tokens)),
-           kv("general.architecture", V.STRING, "gemma3")]
-    path = tmp_path / "gemma3.gguf"
+           kv("general.architecture", V.STRING, "jamba")]
+    path = tmp_path / "jamba.gguf"
     path.write_bytes(gguf_bytes(kvs, n_tensors=0))
     t0 = time.perf_counter()
-    with pytest.raises(UnsupportedError, match="'gemma3' is not supported"):
+    with pytest.raises(UnsupportedError, match="'jamba' is not supported"):
         open_gguf(path)
     assert time.perf_counter() - t0 < 3.0  # was 16 s through gguf.GGUFReader
 

@@ -136,3 +136,97 @@ def test_llama_cpp_loads(tmp_path, smollm2_path, like, quant):
     # random weights still give informative logits: O(0.1..1) spread, different per position
     assert (0.05 < logits.std(axis=1)).all() and (logits.std(axis=1) < 5).all()
     assert not np.allclose(logits[0], logits[-1])
+
+
+# --- the families' presets: real shapes, vocabularies, llama.cpp's Q4_0 / Q4_K_M type rules ---------------
+
+# parameters (billions) and published llama.cpp GGUF sizes (GB: Q4_0, Q4_K_M) of the models the presets copy
+PUBLISHED = {
+    "llama3-8b": (8.03, 4.66, 4.92),  # Meta-Llama-3.1-8B-Instruct
+    "llama3-70b": (70.55, 40.0, 42.5),  # Llama-3.3-70B-Instruct
+    "qwen3-8b": (8.19, 4.77, 5.03),
+    "qwen3-32b": (32.76, 18.6, 19.8),
+    "gemma3-12b": (11.77, 6.89, 7.30),  # the text model (llama.cpp keeps the vision tower in an mmproj file)
+    "gemma3-27b": (27.01, 15.6, 16.5),
+    "phi3-mini": (3.82, 2.18, 2.39),  # Phi-3-mini-128k-instruct
+}
+
+
+def _bytes(specs) -> int:
+    sizes = {name: gguf.GGML_QUANT_SIZES[QT[name]] for name in {s.ggml_type for s in specs}}
+    return sum(int(np.prod(s.shape)) // sizes[s.ggml_type][0] * sizes[s.ggml_type][1] for s in specs)
+
+
+@pytest.mark.parametrize("like", sorted(PUBLISHED))
+def test_family_presets_are_the_published_models(like):
+    from flexio_bench.vocab import REAL_SIZE
+
+    p = PRESETS[like]
+    vocab = REAL_SIZE[p.vocab]
+    params, q4_0, q4_k_m = PUBLISHED[like]
+    assert abs(sum(int(np.prod(s.shape)) for s in plan_tensors(p, "f32", vocab)) / 1e9 - params) < 0.01 * params
+    for quant, gb in (("q4_0", q4_0), ("q4_k_m", q4_k_m)):
+        got = _bytes(plan_tensors(p, quant, vocab)) / 1e9
+        assert abs(got - gb) < 0.01 * gb, (like, quant, got, gb)
+
+
+# families.md §5: llama.cpp's Q4_K_M per family (token_embd, output, attn_q/k, attn_v or attn_qkv bumped /
+# not, attn_output, ffn_gate/up, ffn_down bumped / not)
+Q4_K_M_TABLE = {
+    "llama3-8b": ("Q4_K", "Q6_K", "Q4_K", ("Q6_K", "Q4_K"), "Q4_K", "Q4_K", ("Q6_K", "Q4_K")),
+    "llama3-70b": ("Q4_K", "Q6_K", "Q4_K", ("Q6_K", "Q5_K"), "Q4_K", "Q4_K", ("Q6_K", "Q4_K")),
+    "qwen3-8b": ("Q4_K", "Q6_K", "Q4_K", ("Q6_K", "Q4_K"), "Q4_K", "Q4_K", ("Q6_K", "Q4_K")),
+    "qwen3-32b": ("Q4_K", "Q6_K", "Q4_K", ("Q6_K", "Q4_K"), "Q4_K", "Q4_K", ("Q6_K", "Q4_K")),
+    "gemma3-12b": ("Q6_K", None, "Q4_K", ("Q6_K", "Q4_K"), "Q4_K", "Q4_K", ("Q6_K", "Q4_K")),
+    "gemma3-27b": ("Q6_K", None, "Q4_K", ("Q6_K", "Q4_K"), "Q4_K", "Q4_K", ("Q6_K", "Q4_K")),
+    "phi3-mini": ("Q4_K", "Q6_K", None, ("Q6_K", "Q4_K"), "Q4_K", "Q4_K", ("Q6_K", "Q4_K")),
+}
+
+
+@pytest.mark.parametrize("like", sorted(Q4_K_M_TABLE))
+def test_q4_k_m_rules_per_family(like):
+    p = PRESETS[like]
+    types = {s.name: s.ggml_type for s in plan_tensors(p, "q4_k_m", 1024)}
+    emb, out, qk, (v_more, v_other), o, gate_up, (down_more, down_other) = Q4_K_M_TABLE[like]
+    assert types["token_embd.weight"] == emb and types.get("output.weight") == out
+    v_role = "attn_qkv" if p.qkv_fused else "attn_v"
+    n = p.n_layer
+    more = [i for i in range(n) if _use_more_bits(i, n)]
+    assert {types[f"blk.{i}.{v_role}.weight"] for i in more} == {v_more}
+    assert {types[f"blk.{i}.{v_role}.weight"] for i in range(n) if i not in more} == {v_other}
+    assert {types[f"blk.{i}.ffn_down.weight"] for i in more} == {down_more}
+    assert {types[f"blk.{i}.ffn_down.weight"] for i in range(n) if i not in more} == {down_other}
+    for i in range(n):
+        assert types[f"blk.{i}.attn_output.weight"] == o and types[f"blk.{i}.ffn_up.weight"] == gate_up
+        if qk is not None:
+            assert types[f"blk.{i}.attn_q.weight"] == types[f"blk.{i}.attn_k.weight"] == qk
+    assert all(t == "F32" for name, t in types.items() if "norm" in name or name.startswith("rope_"))
+    if like == "qwen3-8b":  # n = 36: the layers families.md lists
+        assert more == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 31, 32, 33, 34, 35]
+
+
+def test_q4_0_mix_has_a_q6_k_output():
+    """llama.cpp's Q4_0 files keep output.weight (or a tied embedding) in Q6_K."""
+    untied = {s.name: s.ggml_type for s in plan_tensors(PRESETS["llama3-8b"], "q4_0", 1024)}
+    tied = {s.name: s.ggml_type for s in plan_tensors(PRESETS["gemma3-12b"], "q4_0", 1024)}
+    assert untied["output.weight"] == "Q6_K" and untied["token_embd.weight"] == "Q4_0"
+    assert tied["token_embd.weight"] == "Q6_K" and "output.weight" not in tied
+    assert {t for n, t in untied.items() if n.startswith("blk.") and not n.endswith("norm.weight")} == {"Q4_0"}
+
+
+@pytest.mark.parametrize("like", ["tiny-llama3", "tiny-mistral", "tiny-qwen3", "tiny-gemma3", "tiny-phi3"])
+def test_tiny_family_presets(tmp_path, smollm2_path, like):
+    from flexio.tokenizer import Tokenizer
+
+    p = PRESETS[like]
+    g = open_gguf(synthesize(like, "q4_k_m", str(tmp_path / "t.gguf"), tokenizer_from=smollm2_path))
+    c = g.config
+    assert (c.arch, c.n_layer, c.n_embd, c.n_head, c.head_dim, c.tied_output) == (
+        p.arch, p.n_layer, p.n_embd, p.n_head, p.head_dim, p.tied_output)
+    assert c.n_embd >= 512 and c.vocab_size == p.n_vocab
+    assert c.qkv_fused == p.qkv_fused and bool(c.swa_window) == bool(p.swa)
+    assert set(c.rope_factors) == ({"rope_freqs.weight"} if p.rope_freqs else set()) | (
+        {"rope_factors_long.weight", "rope_factors_short.weight"} if p.longrope else set())
+    tok = Tokenizer.from_gguf(g)
+    assert tok.vocab.model == ("gpt2" if p.vocab in ("llama3", "qwen3") else "llama")
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]).count("hi") == 1
