@@ -760,7 +760,7 @@ def test_unsupported_family_is_refused_when_its_key_is_read(pool, tmp_path):
     path = tmp_path / "jamba-cut.gguf"
     path.write_bytes(gguf_bytes(kvs, n_tensors=0))
     refused(pool, str(path), UnsupportedError,
-            r"architecture 'jamba' is not supported \(supported: llama, qwen2, qwen3, gemma3, phi3\)")
+            r"architecture 'jamba' is not supported \(supported: llama, qwen2, qwen3, gemma3, phi3, qwen3moe\)")
     # A whole 262k-token vocabulary before the key: parsed in time proportional to it.
     tokens = [f"tok{i}" for i in range(262144)]
     kvs = [kv("tokenizer.ggml.model", V.STRING, "llama"), kv_array("tokenizer.ggml.tokens", V.STRING, tokens),

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flexio.errors import UnsupportedError
+from flexio.errors import ParameterError, UnsupportedError
 from flexio.tokenizer import (
     TT_BYTE,
     TT_CONTROL,
@@ -68,8 +68,9 @@ def test_smollm_splits_digits(tok):
 def test_metadata_ids(tok):
     assert tok.vocab_size == 49152
     assert tok.bos_id == 1 and tok.eos_id == 2
-    # <|im_end|> (eos) and <|endoftext|> both end generation, as in llama.cpp
-    assert tok.stop_ids == {0, 2}
+    # <|im_end|> (eos), <|endoftext|> and the FIM repo token <reponame> end generation, as
+    # llama_vocab_is_eog says for this file
+    assert tok.stop_ids == {0, 2, 4}
 
 
 def test_build_is_fast(smollm2_path):
@@ -185,9 +186,8 @@ def test_chat_template_sandboxed():
     with pytest.raises(Exception, match="nope"):
         t.apply_chat_template([{"role": "user", "content": "x"}])
     md["tokenizer.chat_template"] = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
-    from jinja2.exceptions import SecurityError
-
-    with pytest.raises(SecurityError):
+    # jinja's sandbox refuses the attribute; the refusal reaches the caller as a clean error
+    with pytest.raises(ParameterError, match="unsafe"):
         Tokenizer.from_metadata(md).apply_chat_template([])
 
 
