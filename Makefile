@@ -20,12 +20,14 @@ install: $(VENV)/.installed
 run: install
 	$(BIN)/python -m flexio generate --model '$(MODEL)' --prompt '$(PROMPT)' -n 64
 
-# The fast suite (what CI runs). FLEXIO_SLOW=1 adds the slow tests.
+# The fast suite (what CI runs), in one worker per core (pytest-xdist; a test file stays in one worker, so its
+# module fixtures are built once). FLEXIO_SLOW=1 adds the slow tests. WORKERS=0 runs in this process.
+WORKERS ?= auto
 test: install
-	$(BIN)/python -m pytest -q $(if $(FLEXIO_SLOW),,-m 'not slow')
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile $(if $(FLEXIO_SLOW),,-m 'not slow')
 
 test-all: install
-	FLEXIO_SLOW=1 $(BIN)/python -m pytest -q
+	FLEXIO_SLOW=1 $(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile
 
 bench: bench-kernels bench-io bench-peer
 

@@ -29,16 +29,20 @@ def cpu_steal_seconds() -> float:
         return 0.0
 
 
-async def measure(model: str, prompt: str, n: int, threads: int, mode: str, budget: str | None) -> dict:
+async def measure(model: str, prompt: str, n: int, threads: int, mode: str, budget: str | None,
+                  expert_policy: str = "lfu") -> dict:
     from flexio.engine import Engine
+    from flexio.generate_cmd import experts_json
 
-    async with Engine(model, threads=threads, mode=mode, budget=budget) as e:
+    async with Engine(model, threads=threads, mode=mode, budget=budget, expert_policy=expert_policy) as e:
         ids = e.prompt_tokens(prompt)
-        steal0 = None
+        steal0 = ex0 = None
         async for _tok in e.generate_tokens(ids, n, ignore_eos=True):
             if steal0 is None:  # the first token comes from the prompt pass: decode starts now
                 steal0 = cpu_steal_seconds()
+                ex0 = e.expert_statistics()
         st = e.stats
+        passes = st.decode_tokens - 1
         return {
             "decode_tok_s": round(st.decode_tok_s, 3),
             "generated_tokens": st.decode_tokens,
@@ -48,9 +52,12 @@ async def measure(model: str, prompt: str, n: int, threads: int, mode: str, budg
             "decode_steal_s": round(cpu_steal_seconds() - steal0, 3) if steal0 is not None else None,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "streamed_bytes_per_token": e.plan.streamed_bytes_per_token,
+            # what decode read per pass (stages and expert misses), beside the plan's expectation above
+            "decode_bytes_per_token": round(st.decode_bytes_read / passes) if passes > 0 else None,
             "policy": e.plan.policy,
             "threads": e.threads,
             "io_backend": e.reader.backend if e.reader is not None else None,
+            **experts_json(e, ex0, st.decode_tokens),  # a mixture of experts: hits, predictions, bytes
         }
 
 
@@ -62,9 +69,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--mode", required=True)
     p.add_argument("--budget", default=None)
+    p.add_argument("--expert-policy", default="lfu")
     a = p.parse_args()
     t0 = time.perf_counter()
-    out = asyncio.run(measure(a.model, a.prompt, a.n, a.threads, a.mode, a.budget))
+    out = asyncio.run(measure(a.model, a.prompt, a.n, a.threads, a.mode, a.budget, a.expert_policy))
     out["wall_s"] = round(time.perf_counter() - t0, 2)
     print(json.dumps(out), flush=True)
 

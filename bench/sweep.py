@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import shutil
 import statistics
@@ -50,7 +51,7 @@ from flexio.modes import MODES
 from flexio.plan import Plan, model_footprint, plan_budget
 from flexio.prefetch import stage_reads
 from flexio.reader import DEFAULT_CHUNK_SIZE
-from flexio.units import fmt_bytes, parse_size
+from flexio.units import aligned_span, fmt_bytes, parse_size
 
 from .cgroup import MemCgroup, cgroup_unavailable, drop_caches
 from .disk import pieces
@@ -77,6 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llama-cpp", action="store_true", help="also run llama.cpp (mmap) in the same cgroup limit")
     p.add_argument("--out", default=None, help="PNG path (default: bench/results/sweep-<model>.png)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per point before it is recorded as failed")
+    p.add_argument("--expert-policy", default="lfu", choices=("lfu", "lru"),
+                   help="a mixture of experts' cache policy (default: %(default)s)")
 
 
 def _cold() -> bool:
@@ -165,7 +168,24 @@ def plan_reads(plan: Plan, size: int) -> list[tuple[int, int]]:
     reader's chunks: what the engine asks of the disk per token (the spans StageStream reads,
     clipped at EOF as it clips them)."""
     spans = [(start, min(nbytes, size - start)) for s in plan.stages for start, nbytes, _, _ in stage_reads(s)]
-    return list(pieces(spans, DEFAULT_CHUNK_SIZE))
+    return list(pieces(spans + expert_reads(plan, size), DEFAULT_CHUNK_SIZE))
+
+
+def expert_reads(plan: Plan, size: int) -> list[tuple[int, int]]:
+    """A mixture of experts' cache misses of one pass, as the expert cache reads them (each tensor's
+    slice of an expert, widened to DIRECT_ALIGN): in each layer, as many experts as the plan expects
+    to miss (rounded up), different ones from layer to layer."""
+    ex = plan.experts
+    if ex is None or ex.where != "cache":
+        return []
+    miss = math.ceil(ex.n_used * (1.0 - ex.hit_rate))
+    out = []
+    for L in ex.layers:
+        for j in range(miss):
+            for off, n in L.ranges((7 * L.layer + j) % ex.n_expert):
+                start, span = aligned_span(off, n)
+                out.append((start, min(span, size - start)))
+    return out
 
 
 def _raw_reads(path: str, extents: list[tuple[int, int]], passes: int, depth: int) -> list[float]:
@@ -244,7 +264,7 @@ def run(args: argparse.Namespace) -> int:
     shared = _disk_ceiling(path, args.threads)
     header.update(shared, reps=args.reps)
     gen = [sys.executable, "-m", "flexio_bench.point", "--model", path, "--prompt", PROMPT,
-           "-n", str(args.decode_tokens), "--threads", str(args.threads)]
+           "-n", str(args.decode_tokens), "--threads", str(args.threads), "--expert-policy", args.expert_policy]
     # in-memory compute time per token, warm (the compute side of the bound): best of two
     mems = [_child(gen + ["--mode", "memory"], None, args.timeout) for _ in range(2)]
     mem_tok_s = max((m.get("decode_tok_s") or 0.0 for m in mems), default=0.0)
@@ -337,6 +357,11 @@ def _flexio_point(path, gf, gen, mode, budget, total, cost, t_cpu, use_cg, overh
            "steal_s_per_token": _per_token(res.get("decode_steal_s"), res.get("generated_tokens")),
            "peak_rss_bytes": res.get("peak_bytes"), "cgroup_limit_bytes": limit,
            "policy": res.get("policy"), "threads": res.get("threads"), "io_backend": res.get("io_backend")}
+    if res.get("experts"):  # a mixture of experts: what its cache did, and the bytes read vs the plan's
+        rec["experts"] = res["experts"]
+        if res.get("decode_bytes_per_token") and streamed:
+            rec["decode_bytes_per_token"] = res["decode_bytes_per_token"]
+            rec["bytes_per_token_vs_expected"] = round(res["decode_bytes_per_token"] / streamed, 3)
     if rec["decode_tok_s"] and bound_tok_s:
         rec["ratio_to_bound"] = round(rec["decode_tok_s"] / bound_tok_s, 3)
     shared_bound = shared_cpu_bound(streamed, disk, t_cpu, args.threads, shared)

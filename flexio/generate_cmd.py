@@ -135,14 +135,14 @@ async def _generate(args: argparse.Namespace) -> dict:
             "decode_stream_gbps": round(st.decode_bytes_read / st.decode_seconds / 1e9, 3) if st.decode_seconds else None,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "load_seconds": e.load_seconds,
-            **_experts_json(e, ex0, len(tokens)),
+            **experts_json(e, ex0, len(tokens)),
         }
 
     finally:
         await e.close()
 
 
-def _experts_json(e, ex0, generated: int) -> dict:
+def experts_json(e, ex0, generated: int) -> dict:
     """A mixture of experts' decode: how its experts came (cached, predicted, read) per token."""
     ex = e.plan.experts
     if ex is None:

@@ -39,3 +39,19 @@ def pytest_asyncio_loop_factories(config, item):
     except ImportError:
         pass
     return factories
+
+
+def pytest_collection_modifyitems(config, items):
+    """schemathesis names its items `test[POST /v1/completions]` but gives them all the function's node id;
+    pytest-xdist (`make test` runs two workers) schedules and reports by node id, so the operations would
+    collapse into one. Each gets its name in its id, as pytest's own parametrize does."""
+    for item in items:
+        if "[" in item.name and not item.nodeid.endswith("]"):
+            nodeid = f"{item.nodeid}[{item.name.split('[', 1)[1]}"
+            if hasattr(item, "_id"):  # pytest >= 9 keeps it as a NodeId
+                from _pytest.nodeid import coerce_node_id
+
+                item._id = coerce_node_id(nodeid)
+            else:
+                item._nodeid = nodeid
+            assert item.nodeid == nodeid
