@@ -30,11 +30,11 @@ def cpu_steal_seconds() -> float:
 
 
 async def measure(model: str, prompt: str, n: int, threads: int, mode: str, budget: str | None,
-                  expert_policy: str = "lfu") -> dict:
+                  expert_policy: str = "lfu", n_ctx: int = 256) -> dict:
     from flexio.engine import Engine
     from flexio.generate_cmd import experts_json
 
-    async with Engine(model, threads=threads, mode=mode, budget=budget, expert_policy=expert_policy) as e:
+    async with Engine(model, threads=threads, mode=mode, budget=budget, expert_policy=expert_policy, n_ctx=n_ctx) as e:
         ids = e.prompt_tokens(prompt)
         steal0 = ex0 = None
         async for _tok in e.generate_tokens(ids, n, ignore_eos=True):
@@ -70,9 +70,10 @@ def main() -> None:
     p.add_argument("--mode", required=True)
     p.add_argument("--budget", default=None)
     p.add_argument("--expert-policy", default="lfu")
+    p.add_argument("--ctx", type=int, default=256, help="context (the KV cache beside the budget; llama.cpp's point uses 256)")
     a = p.parse_args()
     t0 = time.perf_counter()
-    out = asyncio.run(measure(a.model, a.prompt, a.n, a.threads, a.mode, a.budget, a.expert_policy))
+    out = asyncio.run(measure(a.model, a.prompt, a.n, a.threads, a.mode, a.budget, a.expert_policy, a.ctx))
     out["wall_s"] = round(time.perf_counter() - t0, 2)
     print(json.dumps(out), flush=True)
 

@@ -17,7 +17,9 @@ Compute side (the compute thread, in a layer's FFN):
                        frees its slot.
   finish(layer)        the layer is over (or failed): anything still pinned is let go.
   predict(layer, ids)  read a later layer's likely experts into free slots (never evicting one
-                       that is cached); a wrong guess costs a read, never a wrong result.
+                       that is cached); a wrong guess costs a read, never a wrong result. Every
+                       guess is scored when its layer runs; a layer's guesses are read only while
+                       most of them are used (PREDICT_MIN).
 I/O side: reads start on the event loop (call_soon_threadsafe), through the engine's Reader;
 a finished read wakes the compute thread through a threading.Condition. A failed read fails
 the layer that waits for it with the read's error; `abort()` wakes a waiting compute thread.
@@ -40,6 +42,11 @@ from .units import aligned_span
 
 POLICIES = ("lfu", "lru")
 DECAY = 0.95  # lfu: a use counts 1, and every pass of the layer multiplies the past by this
+# Predictions pay only when they are right often enough: a wrong one reads an expert nobody uses. Every
+# guess is scored when its layer runs (the share of the k guessed experts it then used, a moving average
+# over passes, PREDICT_EMA), whether or not it was read; a layer's guesses are read only while that share
+# is at least PREDICT_MIN.
+PREDICT_MIN, PREDICT_EMA = 0.5, 0.25
 
 FREE, LOADING, READY, FAILED = range(4)
 
@@ -105,6 +112,8 @@ class ExpertCache:
         self.pending: dict[int, deque[int]] = {}  # layer -> wanted experts still without a slot
         self.out: dict[int, deque[int]] = {}  # layer -> wanted experts not yet handed out by next()
         self.pinned: dict[int, set[int]] = {}  # layer -> experts it pinned
+        self.predicted_for: dict[int, set[int]] = {L.layer: set() for L in plan.layers}  # this pass's guesses
+        self.precision = {L.layer: 1.0 for L in plan.layers}  # moving share of a layer's guesses that were used
         self._wanted = self._hits = self._pred_hits = self._misses = self._pred = self._mispred = 0
         self._bytes = 0
         self._wait = 0.0
@@ -124,7 +133,13 @@ class ExpertCache:
             self.pinned[layer] = set()
             pending = self.pending[layer] = deque()
             ready, waiting = [], []
-            for e in dict.fromkeys(int(i) for i in ids):
+            ids = list(dict.fromkeys(int(i) for i in ids))
+            guessed = self.predicted_for[layer]
+            if guessed:  # how good this pass's guess was, read or not
+                used = len(guessed.intersection(ids)) / len(guessed)
+                self.precision[layer] += PREDICT_EMA * (used - self.precision[layer])
+                self.predicted_for[layer] = set()
+            for e in ids:
                 self._wanted += 1
                 self._touch(layer, e)
                 s = self.index.get((layer, e))
@@ -198,8 +213,12 @@ class ExpertCache:
         if layer not in self.layers:
             return
         with self.cond:
-            budget = self.plan.n_used - sum(1 for x in self.slots if x.predicted and x.state != FREE)
-            for e in dict.fromkeys(int(i) for i in ids):
+            ids = list(dict.fromkeys(int(i) for i in ids))
+            self.predicted_for[layer] = set(ids[: self.plan.n_used])  # scored by want()
+            if self.precision[layer] < PREDICT_MIN:
+                return  # this layer's guesses have been mostly wrong: read only what it asks for
+            budget = self.plan.n_used - sum(1 for x in self.slots if x.predicted and x.state == LOADING)  # in flight
+            for e in ids:
                 if budget <= 0:
                     break
                 if (layer, e) in self.index:

@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
 
 from flexio.arena import Arena
 from flexio.errors import FlexioError
-from flexio.experts import ExpertCache, ExpertsAborted
+from flexio.experts import LOADING, ExpertCache, ExpertsAborted
 from flexio.gguf import TensorInfo
 from flexio.plan import ExpertLayer, ExpertPlan
 from flexio.reader import Reader
@@ -148,6 +149,32 @@ def test_predictions_are_read_ahead_and_counted(model):
     st = cache.statistics()
     assert st.predicted == 3 and st.predicted_hits == 1 and st.misses == 2
     assert st.prediction_hit_rate == pytest.approx(1 / 3)
+    cache.close(), reader.close(), arena.close()
+
+
+def test_a_layer_whose_guesses_go_unused_is_not_read_ahead_until_they_improve(model):
+    from flexio.experts import PREDICT_MIN
+
+    cache, reader, arena, data = make(model, cached=0, pool=4)
+    wrong = [[4, 7], [0, 6], [3, 5]]  # layer 2 wants 1 and 2; none of these
+
+    def script(c):
+        reads, precision = [], []
+        for guess in wrong * 4 + [[1, 2]] * 6:
+            before = c.statistics().predicted
+            c.predict(2, guess)
+            reads.append(c.statistics().predicted - before)
+            use(c, 2, [1, 2])
+            precision.append(c.precision[2])
+            while any(x.state == LOADING for x in c.slots):  # the guesses' reads land (at most k in flight)
+                time.sleep(0.001)
+        return reads, precision
+
+    reads, precision = run_layers(cache, script)
+    assert reads[:3] == [2, 2, 2], (reads, precision)  # read while the moving share of used guesses is >= PREDICT_MIN ...
+    assert precision[2] < PREDICT_MIN and reads[3:12] == [0] * 9  # ... then only scored
+    assert precision[-1] >= PREDICT_MIN  # right guesses (scored though not read) bring it back
+    assert cache.statistics().mispredicted <= 6
     cache.close(), reader.close(), arena.close()
 
 
