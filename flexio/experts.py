@@ -45,8 +45,9 @@ DECAY = 0.95  # lfu: a use counts 1, and every pass of the layer multiplies the 
 # Predictions pay only when they are right often enough: a wrong one reads an expert nobody uses. Every
 # guess is scored when its layer runs (the share of the k guessed experts it then used, a moving average
 # over passes, PREDICT_EMA), whether or not it was read; a layer's guesses are read only while that share
-# is at least PREDICT_MIN.
-PREDICT_MIN, PREDICT_EMA = 0.5, 0.25
+# is at least PREDICT_MIN. It starts there: one pass of mostly wrong guesses stops the reads, one of mostly
+# right ones resumes them.
+PREDICT_MIN, PREDICT_EMA = 0.5, 0.5
 
 FREE, LOADING, READY, FAILED = range(4)
 
@@ -113,7 +114,7 @@ class ExpertCache:
         self.out: dict[int, deque[int]] = {}  # layer -> wanted experts not yet handed out by next()
         self.pinned: dict[int, set[int]] = {}  # layer -> experts it pinned
         self.predicted_for: dict[int, set[int]] = {L.layer: set() for L in plan.layers}  # this pass's guesses
-        self.precision = {L.layer: 1.0 for L in plan.layers}  # moving share of a layer's guesses that were used
+        self.precision = {L.layer: PREDICT_MIN for L in plan.layers}  # moving share of a layer's guesses that were used
         self._wanted = self._hits = self._pred_hits = self._misses = self._pred = self._mispred = 0
         self._bytes = 0
         self._wait = 0.0

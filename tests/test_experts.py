@@ -171,10 +171,10 @@ def test_a_layer_whose_guesses_go_unused_is_not_read_ahead_until_they_improve(mo
         return reads, precision
 
     reads, precision = run_layers(cache, script)
-    assert reads[:3] == [2, 2, 2], (reads, precision)  # read while the moving share of used guesses is >= PREDICT_MIN ...
-    assert precision[2] < PREDICT_MIN and reads[3:12] == [0] * 9  # ... then only scored
+    assert reads[0] == 2  # read while the moving share of used guesses is >= PREDICT_MIN (it starts there) ...
+    assert precision[0] < PREDICT_MIN and reads[1:12] == [0] * 11, (reads, precision)  # ... then only scored
     assert precision[-1] >= PREDICT_MIN  # right guesses (scored though not read) bring it back
-    assert cache.statistics().mispredicted <= 6
+    assert sum(reads) == 2 and cache.statistics().mispredicted <= 2  # (1 and 2 stay in their slots: no read)
     cache.close(), reader.close(), arena.close()
 
 
