@@ -112,26 +112,16 @@ class LayerWeights:
         cut by rows into their parts' fields (FUSED_ROWS). mats: (tensor, row parts) of the matrices;
         vectors: (tensor, raw bytes) of the 1-D tensors."""
         out: dict[str, object] = {}
-        for t, parts in mats:
-            w = weight(t, parts)
+        made = [(t, weight(t, parts), True) for t, parts in mats] + [(t, vector(t, raw), False) for t, raw in vectors]
+        for t, x, matrix in made:
             split = fused_rows(cfg, t.role)
             if split is None:
-                out[LAYER_FIELDS[t.role]] = w
-            else:
-                r0 = 0
-                for name, n in split:
-                    out[name] = w.rows_view(r0, r0 + n)
-                    r0 += n
-        for t, raw in vectors:
-            v = vector(t, raw)
-            split = fused_rows(cfg, t.role)
-            if split is None:
-                out[LAYER_FIELDS[t.role]] = v
-            else:
-                r0 = 0
-                for name, n in split:
-                    out[name] = v[r0 : r0 + n]
-                    r0 += n
+                out[LAYER_FIELDS[t.role]] = x
+                continue
+            r0 = 0
+            for name, n in split:  # a fused matrix's rows, or a fused bias's elements
+                out[name] = x.rows_view(r0, r0 + n) if matrix else x[r0 : r0 + n]
+                r0 += n
         return cls(**out, moe=moe)
 
 

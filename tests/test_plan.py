@@ -1,5 +1,6 @@
 """Budget planner: pure function of a tensor table, tested without a disk."""
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -14,37 +15,41 @@ Q4_0, Q6_K, F32 = 2, 14, 0
 BPB = {Q4_0: (32, 18), Q6_K: (256, 210), F32: (1, 4)}
 
 
-def fake_model(n_layer=32, d=512, ff=1376, vocab=2000, kv=None, tied=False, head_type=Q6_K):
-    """A GGUFFile stand-in with llama shapes and a contiguous data section."""
-    kv = kv or d
-    cfg = ModelConfig("llama", n_layer, d, ff, 8, 8 * kv // d, 4096, vocab, 1e4, d // 8, 1e-5, tied)
+def stand_in(cfg, d, vocab, block, tied=False, head_type=Q6_K):
+    """A GGUFFile stand-in: token_embd, each layer's tensors (block(layer prefix) -> [(name, shape, type)]),
+    output_norm and output (unless tied), in a contiguous data section."""
     tensors, off = [], 4096
 
     def add(name, shape, t):
         nonlocal off
-        n = 1
-        for s in shape:
-            n *= s
         be, bb = BPB[t]
-        nbytes = n // be * bb
+        nbytes = math.prod(shape) // be * bb
         tensors.append(TensorInfo(name, t, shape, off, nbytes))
         off += -(-nbytes // 32) * 32
 
     add("token_embd.weight", (d, vocab), Q4_0)
-    for i in range(n_layer):
-        p = f"blk.{i}."
-        add(p + "attn_norm.weight", (d,), F32)
-        for r, shp in (("attn_q", (d, d)), ("attn_k", (d, kv)), ("attn_v", (d, kv)), ("attn_output", (d, d))):
-            add(p + r + ".weight", shp, Q4_0)
-        add(p + "ffn_norm.weight", (d,), F32)
-        for r, shp in (("ffn_gate", (d, ff)), ("ffn_up", (d, ff)), ("ffn_down", (ff, d))):
-            add(p + r + ".weight", shp, Q4_0)
+    for i in range(cfg.n_layer):
+        for name, shape, t in block(f"blk.{i}."):
+            add(name, shape, t)
     add("output_norm.weight", (d,), F32)
     if not tied:
         add("output.weight", (d, vocab), head_type)
     by = {t.name: t for t in tensors}
     return SimpleNamespace(config=cfg, tensors=tensors, by_name=by,
                            layer_tensors=lambda i: [t for t in tensors if t.layer == i])
+
+
+def fake_model(n_layer=32, d=512, ff=1376, vocab=2000, kv=None, tied=False, head_type=Q6_K):
+    """llama shapes."""
+    kv = kv or d
+    cfg = ModelConfig("llama", n_layer, d, ff, 8, 8 * kv // d, 4096, vocab, 1e4, d // 8, 1e-5, tied)
+    return stand_in(cfg, d, vocab, lambda p: [
+        (p + "attn_norm.weight", (d,), F32),
+        *((p + r + ".weight", shp, Q4_0) for r, shp in (("attn_q", (d, d)), ("attn_k", (d, kv)), ("attn_v", (d, kv)),
+                                                          ("attn_output", (d, d)))),
+        (p + "ffn_norm.weight", (d,), F32),
+        *((p + r + ".weight", shp, Q4_0) for r, shp in (("ffn_gate", (d, ff)), ("ffn_up", (d, ff)), ("ffn_down", (ff, d))))],
+        tied, head_type)
 
 
 MODEL = fake_model()
@@ -179,29 +184,10 @@ def test_a_percentage_is_of_the_resident_footprint_and_100_percent_holds_it_all(
 def fake_phi3(n_layer=8, d=768, ff=2048, vocab=2000):
     """phi3 shapes: one fused attn_qkv (Q, K, V rows) and one fused ffn_up (gate rows, then up rows)."""
     cfg = ModelConfig("phi3", n_layer, d, ff, 8, 8, 4096, vocab, 1e4, d // 8, 1e-5, False, qkv_fused=True)
-    tensors, off = [], 4096
-
-    def add(name, shape, t):
-        nonlocal off
-        be, bb = BPB[t]
-        nbytes = shape[0] * (shape[1] if len(shape) > 1 else 1) // be * bb
-        tensors.append(TensorInfo(name, t, shape, off, nbytes))
-        off += -(-nbytes // 32) * 32
-
-    add("token_embd.weight", (d, vocab), Q4_0)
-    for i in range(n_layer):
-        p = f"blk.{i}."
-        add(p + "attn_norm.weight", (d,), F32)
-        add(p + "attn_qkv.weight", (d, 3 * d), Q4_0)
-        add(p + "attn_output.weight", (d, d), Q4_0)
-        add(p + "ffn_norm.weight", (d,), F32)
-        add(p + "ffn_up.weight", (d, 2 * ff), Q4_0)
-        add(p + "ffn_down.weight", (ff, d), Q4_0)
-    add("output_norm.weight", (d,), F32)
-    add("output.weight", (d, vocab), Q6_K)
-    by = {t.name: t for t in tensors}
-    return SimpleNamespace(config=cfg, tensors=tensors, by_name=by,
-                           layer_tensors=lambda i: [t for t in tensors if t.layer == i])
+    return stand_in(cfg, d, vocab, lambda p: [
+        (p + "attn_norm.weight", (d,), F32), (p + "attn_qkv.weight", (d, 3 * d), Q4_0),
+        (p + "attn_output.weight", (d, d), Q4_0), (p + "ffn_norm.weight", (d,), F32),
+        (p + "ffn_up.weight", (d, 2 * ff), Q4_0), (p + "ffn_down.weight", (ff, d), Q4_0)])
 
 
 def test_fused_tensors_are_preserved_by_their_part_of_the_block():
