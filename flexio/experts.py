@@ -43,9 +43,9 @@ from .units import aligned_span
 POLICIES = ("lfu", "lru")
 DECAY = 0.95  # lfu: a use counts 1, and every pass of the layer multiplies the past by this
 # Predictions pay only when they are right often enough: a wrong one reads an expert nobody uses. Every
-# guess is scored when its layer runs (the share of the k guessed experts it then used, a moving average
-# over passes, PREDICT_EMA), whether or not it was read; a layer's guesses are read only while that share
-# is at least PREDICT_MIN. It starts there: one pass of mostly wrong guesses stops the reads, one of mostly
+# guess is scored when its layer runs (the share of the uncached ones among the k guessed experts that it
+# then used, a moving average over passes, PREDICT_EMA), whether or not they were read; a layer's guesses
+# are read only while that share is at least PREDICT_MIN. It starts there: one pass of mostly wrong guesses stops the reads, one of mostly
 # right ones resumes them.
 PREDICT_MIN, PREDICT_EMA = 0.5, 0.5
 
@@ -215,7 +215,8 @@ class ExpertCache:
             return
         with self.cond:
             ids = list(dict.fromkeys(int(i) for i in ids))
-            self.predicted_for[layer] = set(ids[: self.plan.n_used])  # scored by want()
+            # the guesses a read would bring (a cached guess costs nothing, right or wrong): scored by want()
+            self.predicted_for[layer] = {e for e in ids[: self.plan.n_used] if (layer, e) not in self.index}
             if self.precision[layer] < PREDICT_MIN:
                 return  # this layer's guesses have been mostly wrong: read only what it asks for
             budget = self.plan.n_used - sum(1 for x in self.slots if x.predicted and x.state == LOADING)  # in flight

@@ -160,11 +160,12 @@ def test_a_layer_whose_guesses_go_unused_is_not_read_ahead_until_they_improve(mo
 
     def script(c):
         reads, precision = [], []
-        for guess in wrong * 4 + [[1, 2]] * 6:
+        right = [[3, 5], [0, 6], [4, 7]] * 2
+        for guess, wants in [(g, [1, 2]) for g in wrong * 4] + [(g, g) for g in right]:
             before = c.statistics().predicted
             c.predict(2, guess)
             reads.append(c.statistics().predicted - before)
-            use(c, 2, [1, 2])
+            use(c, 2, wants)
             precision.append(c.precision[2])
             while any(x.state == LOADING for x in c.slots):  # the guesses' reads land (at most k in flight)
                 time.sleep(0.001)
@@ -173,8 +174,8 @@ def test_a_layer_whose_guesses_go_unused_is_not_read_ahead_until_they_improve(mo
     reads, precision = run_layers(cache, script)
     assert reads[0] == 2  # read while the moving share of used guesses is >= PREDICT_MIN (it starts there) ...
     assert precision[0] < PREDICT_MIN and reads[1:12] == [0] * 11, (reads, precision)  # ... then only scored
-    assert precision[-1] >= PREDICT_MIN  # right guesses (scored though not read) bring it back
-    assert sum(reads) == 2 and cache.statistics().mispredicted <= 2  # (1 and 2 stay in their slots: no read)
+    assert reads[12] == 0 and reads[13:] == [2] * 5, (reads, precision)  # right guesses bring the reads back
+    assert precision[-1] > PREDICT_MIN and cache.statistics().mispredicted == 2
     cache.close(), reader.close(), arena.close()
 
 
