@@ -76,6 +76,28 @@ def test_the_expert_plan_spreads_the_cache_over_the_layers(models):
     assert whole.experts.where == "resident" and whole.total_bytes <= whole.budget
 
 
+def test_the_sweep_reads_the_expected_expert_misses(models):
+    """bench-sweep's per-point disk ceiling reads what the plan will: the stages' spans and, per layer, as
+    many experts as it expects to miss (each tensor's slice, DIRECT_ALIGN-aligned, inside the file)."""
+    import math
+
+    from flexio.prefetch import stage_reads
+    from flexio_bench.sweep import expert_reads, plan_reads
+
+    gf = open_gguf(models["tiny-qwen3moe"])
+    p = plan_budget(gf, "85%", policy="ffn")
+    ex = p.experts
+    reads = expert_reads(p, gf.size)
+    miss = math.ceil(ex.n_used * (1 - ex.hit_rate))
+    assert len(reads) == len(ex.layers) * miss * 3  # gate, up, down of each
+    assert all(off % 4096 == 0 and 0 < n and off + n <= gf.size for off, n in reads)
+    spans = sum(n for _, n in reads)
+    assert spans >= ex.expected_bytes_per_token  # the misses rounded up
+    stages = sum(min(n, gf.size - off) for s in p.stages for off, n, _, _ in stage_reads(s))
+    assert sum(n for _, n in plan_reads(p, gf.size)) == stages + spans
+    assert expert_reads(plan_budget(gf, "100%"), gf.size) == []  # resident: nothing to read
+
+
 def test_generate_json_reports_the_experts(models, capsys):
     from flexio.cli import main
 
