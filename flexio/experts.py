@@ -42,12 +42,13 @@ from .units import aligned_span
 
 POLICIES = ("lfu", "lru")
 DECAY = 0.95  # lfu: a use counts 1, and every pass of the layer multiplies the past by this
-# Predictions pay only when they are right often enough: a wrong one reads an expert nobody uses. Every
-# guess is scored when its layer runs (the share of the uncached ones among the k guessed experts that it
-# then used, a moving average over passes, PREDICT_EMA), whether or not they were read; a layer's guesses
-# are read only while that share is at least PREDICT_MIN. It starts there: one pass of mostly wrong guesses stops the reads, one of mostly
-# right ones resumes them.
-PREDICT_MIN, PREDICT_EMA = 0.5, 0.5
+# Predictions pay only when they are right often enough: a wrong one reads an expert nobody uses, and when
+# the disk is the bottleneck a useful read that comes with wrong ones costs their bytes too (at 50 % right,
+# prediction decoded Qwen3-30B-A3B at 10 % slower than none). Every guess is scored when its layer runs (the
+# share of the uncached ones among the k guessed experts that it then used, a moving average over passes,
+# PREDICT_EMA), whether or not they were read; a layer's guesses are read only while that share is at least
+# PREDICT_MIN. It starts there: one pass of mostly wrong guesses stops the reads, right ones resume them.
+PREDICT_MIN, PREDICT_EMA = 0.75, 0.5
 
 FREE, LOADING, READY, FAILED = range(4)
 
@@ -240,15 +241,21 @@ class ExpertCache:
             self.score[layer][e] = self.clock
 
     def _take_slot(self) -> int | None:
-        """A slot to read into: a free one, else one holding an expert nobody uses (an unused prediction
-        or a finished miss that was not cached), else None."""
+        """A slot to read into: a free one, else one holding an expert nobody uses: a finished miss that was
+        not cached, else an unused prediction (which may still be about to be used: the last resort), else None."""
         if self.free:
             return self.free.popleft()
+        spare = None
         for s, slot in enumerate(self.slots):
             if slot.pins == 0 and not slot.cached and slot.state in (READY, FAILED):
-                self._forget(s)
-                return s
-        return None
+                if not slot.predicted:
+                    self._forget(s)
+                    return s
+                if spare is None:
+                    spare = s
+        if spare is not None:
+            self._forget(spare)
+        return spare
 
     def _forget(self, s: int) -> None:
         slot = self.slots[s]
