@@ -15,6 +15,8 @@ import os
 import resource
 import time
 
+from flexio.experts import POLICIES as EXPERT_POLICIES
+
 
 def cpu_steal_seconds() -> float:
     """Seconds of CPU time stolen by the hypervisor so far, summed over all CPUs (0.0 if unknown).
@@ -69,7 +71,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--mode", required=True)
     p.add_argument("--budget", default=None)
-    p.add_argument("--expert-policy", default="lfu")
+    p.add_argument("--expert-policy", default="lfu", choices=EXPERT_POLICIES)
     p.add_argument("--ctx", type=int, default=256, help="context (the KV cache beside the budget; llama.cpp's point uses 256)")
     a = p.parse_args()
     t0 = time.perf_counter()

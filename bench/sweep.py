@@ -45,6 +45,7 @@ import tempfile
 import time
 
 from flexio.errors import ParameterError
+from flexio.experts import POLICIES as EXPERT_POLICIES
 from flexio.fetch import model_path
 from flexio.gguf import open_gguf
 from flexio.modes import MODES
@@ -78,7 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llama-cpp", action="store_true", help="also run llama.cpp (mmap) in the same cgroup limit")
     p.add_argument("--out", default=None, help="PNG path (default: bench/results/sweep-<model>.png)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per point before it is recorded as failed")
-    p.add_argument("--expert-policy", default="lfu", choices=("lfu", "lru"),
+    p.add_argument("--expert-policy", default="lfu", choices=EXPERT_POLICIES,
                    help="a mixture of experts' cache policy (default: %(default)s)")
 
 

@@ -19,7 +19,7 @@ Compute side (the compute thread, in a layer's FFN):
   predict(layer, ids)  read a later layer's likely experts into free slots (never evicting one
                        that is cached); a wrong guess costs a read, never a wrong result. Every
                        guess is scored when its layer runs; a layer's guesses are read only while
-                       most of them are used (PREDICT_MIN).
+                       at least PREDICT_MIN (3 in 4) of them are used.
 I/O side: reads start on the event loop (call_soon_threadsafe), through the engine's Reader;
 a finished read wakes the compute thread through a threading.Condition. A failed read fails
 the layer that waits for it with the read's error; `abort()` wakes a waiting compute thread.

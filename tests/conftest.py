@@ -43,7 +43,7 @@ def pytest_asyncio_loop_factories(config, item):
 
 def pytest_collection_modifyitems(config, items):
     """schemathesis names its items `test[POST /v1/completions]` but gives them all the function's node id;
-    pytest-xdist (`make test` runs two workers) schedules and reports by node id, so the operations would
+    pytest-xdist (`make test` runs a worker per core) schedules and reports by node id, so the operations would
     collapse into one. Each gets its name in its id, as pytest's own parametrize does."""
     for item in items:
         if "[" in item.name and not item.nodeid.endswith("]"):
