@@ -41,7 +41,7 @@ from .simd import (
     add_i32x8, and_i8, bits32_to_bytes, dot_ss, dot_us, dot_us_k, dot_us_off, fma32, fma_f, fma_i, fma_iv,
     hsum_f32x8, hsum_i32x8, hsum_lo4, k4_mins, k4_scales, k_dup, dot_us_k2, q6_off, sub_i32x8, ld_f16, ld_f16x8, ld_f32, ld_f32x8, ld_i8x32,
     ld_nibbles16, ld_u32, mul_f32x8, or_i8, pairsum_lo4, prefetch, q6_scales, select_bit, sll_i8, splat_f32_ld, splat_tab,
-    srl_i8, tab_f32, zero_f32x8,
+    srl_i8, tab_f32, zero_f32x8, st_i8x32, st_f32x8, st_off16, dot_us_pre, abs_i8, dot_ss_abs, fence4, zero_i32x8, k4_mins16, q6_off16,
 )
 
 # Software prefetch distance in bytes.  Decode loops are dense in instructions (~14 per 18
@@ -316,10 +316,12 @@ def dot2_f16(wa, rs, xa, k8):
 # ---- rows r0..r1, all columns ----
 
 @njit(nogil=True, cache=True)
-def rows(t, w, x, xq, xd, xbs, xe, out, col0, r0, r1, tab):
+def rows(t, w, x, xq, xd, xbs, xe, gx, go, gd, ge, ks, out, col0, r0, r1, tab):
     """out[j, col0 + r] for r in r0..r1, every column j; rows two at a time (an odd last row alone).
 
-    x: float32 activations for F32 / F16 (F16: already rounded to f16 values).
+    x: float32 activations for F32 / F16 (F16: already rounded to f16 values).  Legacy types:
+    the columns that x_groups gathered (gx, go, gd, ge) go through rows8, the others one by one.
+    K-quants: groups of 4 columns through rows4 (with ks = x_sums16), the others one by one.
     """
     n = x.shape[0]
     k = x.shape[1]
@@ -347,14 +349,12 @@ def rows(t, w, x, xq, xd, xbs, xe, out, col0, r0, r1, tab):
                 if rs:
                     out[j, col0 + r + 1] = s1
         return
-    if n >= 4:
-        rows4(t, w, xq, xd, xbs, xe, out, col0, r0, r1, tab)
-        j0 = n - n % 4
-    else:
-        j0 = 0
     nbx = xd.shape[1]
     nbs = xbs.shape[1]
     if t == 12 or t == 13 or t == 14:
+        if n >= 4:
+            rows4(t, w, xq, xd, ks, out, col0, r0, r1)
+        j0 = n - n % 4 if n >= 4 else 0
         for r in range(r0, r1):
             wa = wbase + r * rb
             for j in range(j0, n):
@@ -369,6 +369,10 @@ def rows(t, w, x, xq, xd, xbs, xe, out, col0, r0, r1, tab):
                 out[j, col0 + r] = s
         return
     nb = rb // (Q4_0_BB if t == 2 else (Q4_1_BB if t == 3 else (Q5_0_BB if t == 6 else Q8_0_BB)))
+    ng = gx.shape[0]
+    if ng:
+        rows8(t, w, gx, go, gd, ge, out, col0, r0, r1, tab, n)
+    j0 = min(n, GROUP * ng)
     for r in range(r0, r1, 2):
         wa = wbase + r * rb
         rs = rb if r + 1 < r1 else 0
@@ -382,151 +386,331 @@ def rows(t, w, x, xq, xd, xbs, xe, out, col0, r0, r1, tab):
 
 # ---- four columns at once (prefill): each weight block unpacked once ----
 
-@njit(nogil=True, cache=True)
-def dot4_legacy(t, wa, nb, xa, k, xva, xea, nbx, tab, out, j, col):
-    """Q4_0 / Q4_1 / Q5_0 / Q8_0 row at wa against the 4 activation rows at xa, xa + k, ... -> out[j..j+3, col].
+@njit(nogil=True, cache=True, inline="always")
+def sub4(i0, i1, i2, i3, u, xo, k, sc, s):
+    """The 4 columns' integer sums plus sub-block s (a literal; u its 32 unsigned weights, scale s
+    of the k_dup table sc) . x (column c's at xo + c k)."""
+    return fence4(add_i32x8(i0, dot_us_k(u, xo, sc, s)), add_i32x8(i1, dot_us_k(u, xo + k, sc, s)),
+                  add_i32x8(i2, dot_us_k(u, xo + 2 * k, sc, s)), add_i32x8(i3, dot_us_k(u, xo + 3 * k, sc, s)))
 
-    xva / xea: x scales and extra terms of column j (stride nbx per column).
+
+@njit(nogil=True, cache=True, inline="always")
+def sub4_6(i0, i1, i2, i3, u, xo, k, sc, lo, hi):
+    """As sub4 for Q6_K: scale lo for the first 16 weights, hi for the last 16 (dot_us_k2)."""
+    return fence4(add_i32x8(i0, dot_us_k2(u, xo, sc, lo, hi)), add_i32x8(i1, dot_us_k2(u, xo + k, sc, lo, hi)),
+                  add_i32x8(i2, dot_us_k2(u, xo + 2 * k, sc, lo, hi)), add_i32x8(i3, dot_us_k2(u, xo + 3 * k, sc, lo, hi)))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def sub4_45(i0, i1, i2, i3, q, h, five, xo, k, sc, s, s1, bit):
+    """Sub-blocks s and s1 = s + 1 (literals) of a Q4_K / Q5_K super-block (low and high nibbles of
+    the 32 bytes at q; Q5_K: fifth bits `bit` and `2 bit` of the qh bytes h) into sub4's sums."""
+    v = ld_i8x32(q)
+    lo = and_i8(v, 15)
+    hi = and_i8(srl_i8(v, 4), 15)
+    if five:
+        lo = or_i8(lo, select_bit(h, bit, 16))
+        hi = or_i8(hi, select_bit(h, 2 * bit, 16))
+    i0, i1, i2, i3 = sub4(i0, i1, i2, i3, lo, xo, k, sc, s)
+    return sub4(i0, i1, i2, i3, hi, xo + 32, k, sc, s1)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def tile4_k(t, wa, nb, xa, k, xda, nbx, bsa, nbs, out, j, col):
+    """Q4_K / Q5_K / Q6_K row at wa . the 4 activation rows at xa, xa + k, ... -> out[j..j+3, col].
+
+    xda / bsa: x scales and x_sums16 rows of column j (strides nbx floats / nbs int16 per column).
+    A 1 x 4 register tile: each super-block's scales and weights are unpacked once for the 4
+    columns, one sub-block at a time (fence4), into 4 integer sums; then each column's float
+    operations are dot1_q4_k / dot1_q5_k / dot1_q6_k's, in their order.  Inlined into one
+    function per type (dot4_q4_k, ...) so that no type branch is left in the loop.
     """
-    a0 = zero_f32x8()
-    a1 = zero_f32x8()
-    a2 = zero_f32x8()
-    a3 = zero_f32x8()
-    s0 = np.float32(0.0)
-    s1 = np.float32(0.0)
-    s2 = np.float32(0.0)
-    s3 = np.float32(0.0)
-    cs = 4 * nbx  # bytes between the per-block x scalars of consecutive columns
+    z = zero_f32x8()
+    a0, a1, a2, a3 = z, z, z, z
+    m0, m1, m2, m3 = z, z, z, z  # Q4_K: llama.cpp's 4-lane acc_m per column (lanes 0-3)
+    f0 = np.float32(0.0)
+    s0, s1, s2, s3 = f0, f0, f0, f0  # Q5_K: its scalar summs per column
+    bb = Q4_K_BB if t == 12 else (Q5_K_BB if t == 13 else Q6_K_BB)
+    cd = 4 * nbx  # bytes from one column's x scales to the next's
+    cb = 2 * nbs  # and its int16 sums (x_sums16)
+    sb16 = 32 if t == 14 else 16  # bytes of int16 sums per super-block
     for b in range(nb):
-        xo = xa + b * QK
-        xv = xva + 4 * b
-        xe = xea + 4 * b
-        if t == 2:
-            o = wa + b * Q4_0_BB
-            a0 = blk_q4_0(a0, o, xo, xv, tab)
-            a1 = blk_q4_0(a1, o, xo + k, xv + cs, tab)
-            a2 = blk_q4_0(a2, o, xo + 2 * k, xv + 2 * cs, tab)
-            a3 = blk_q4_0(a3, o, xo + 3 * k, xv + 3 * cs, tab)
-        elif t == 6:
-            o = wa + b * Q5_0_BB
-            a0 = blk_q5_0(a0, o, xo, xv, tab)
-            a1 = blk_q5_0(a1, o, xo + k, xv + cs, tab)
-            a2 = blk_q5_0(a2, o, xo + 2 * k, xv + 2 * cs, tab)
-            a3 = blk_q5_0(a3, o, xo + 3 * k, xv + 3 * cs, tab)
-        elif t == 3:
-            o = wa + b * Q4_1_BB
-            a0 = blk_q4_1(a0, o, xo, xv, tab)
-            a1 = blk_q4_1(a1, o, xo + k, xv + cs, tab)
-            a2 = blk_q4_1(a2, o, xo + 2 * k, xv + 2 * cs, tab)
-            a3 = blk_q4_1(a3, o, xo + 3 * k, xv + 3 * cs, tab)
-            s0 = min_q4_1(s0, o, xe, tab)
-            s1 = min_q4_1(s1, o, xe + cs, tab)
-            s2 = min_q4_1(s2, o, xe + 2 * cs, tab)
-            s3 = min_q4_1(s3, o, xe + 3 * cs, tab)
-        else:
-            o = wa + b * Q8_0_BB
-            a0 = blk_q8_0(a0, o, xo, xv, tab)
-            a1 = blk_q8_0(a1, o, xo + k, xv + cs, tab)
-            a2 = blk_q8_0(a2, o, xo + 2 * k, xv + 2 * cs, tab)
-            a3 = blk_q8_0(a3, o, xo + 3 * k, xv + 3 * cs, tab)
-    out[j, col] = hsum_f32x8(a0) + s0  # s* stay 0 unless Q4_1 (x + 0 is x)
-    out[j + 1, col] = hsum_f32x8(a1) + s1
-    out[j + 2, col] = hsum_f32x8(a2) + s2
-    out[j + 3, col] = hsum_f32x8(a3) + s3
-
-
-@njit(nogil=True, cache=True)
-def dot4_k(t, wa, nb, xa, k, xda, nbx, bsa, nbs, out, j, col):
-    """Q4_K / Q5_K / Q6_K row at wa against the 4 activation rows at xa, xa + k, ... -> out[j..j+3, col].
-
-    xda / bsa: scale and 16-sums rows of column j (strides nbx floats / nbs ints per column).
-    The weight unpacking is written once per column but loads the same addresses, so LLVM
-    shares it between the 4 dots.
-    """
-    a0 = zero_f32x8()
-    a1 = zero_f32x8()
-    a2 = zero_f32x8()
-    a3 = zero_f32x8()
-    m0 = zero_f32x8()  # Q4_K: llama.cpp's 4-lane acc_m per column (lanes 0-3)
-    m1 = zero_f32x8()
-    m2 = zero_f32x8()
-    m3 = zero_f32x8()
-    s0 = np.float32(0.0)  # Q5_K: its scalar summs per column
-    s1 = np.float32(0.0)
-    s2 = np.float32(0.0)
-    s3 = np.float32(0.0)
-    for b in range(nb):
+        o = wa + b * bb
+        prefetch(o + PF)
+        prefetch(o + PF + 64)
+        prefetch(o + PF + 128)
         xo = xa + b * QK_K
-        xd0 = xda + 4 * b
-        bs0 = bsa + 64 * b
+        xd = xda + 4 * b
+        bs = bsa + sb16 * b
+        zi = zero_i32x8()
         if t == 14:
-            o = wa + b * Q6_K_BB
+            prefetch(o + PF + 192)
             scv = q6_scales(o + Q6_K_SC)
+            sa = k_dup(scv, 0)
+            sb = k_dup(scv, 1)
+            i0, i1, i2, i3 = sub4_6(zi, zi, zi, zi, w_q6_k(o, 0, 0), xo, k, sa, 0, 1)
+            i0, i1, i2, i3 = sub4_6(i0, i1, i2, i3, w_q6_k(o, 0, 1), xo + 32, k, sa, 2, 3)
+            i0, i1, i2, i3 = sub4_6(i0, i1, i2, i3, w_q6_k(o, 0, 2), xo + 64, k, sa, 4, 5)
+            i0, i1, i2, i3 = sub4_6(i0, i1, i2, i3, w_q6_k(o, 0, 3), xo + 96, k, sa, 6, 7)
+            i0, i1, i2, i3 = sub4_6(i0, i1, i2, i3, w_q6_k(o, 1, 0), xo + 128, k, sb, 0, 1)
+            i0, i1, i2, i3 = sub4_6(i0, i1, i2, i3, w_q6_k(o, 1, 1), xo + 160, k, sb, 2, 3)
+            i0, i1, i2, i3 = sub4_6(i0, i1, i2, i3, w_q6_k(o, 1, 2), xo + 192, k, sb, 4, 5)
+            i0, i1, i2, i3 = sub4_6(i0, i1, i2, i3, w_q6_k(o, 1, 3), xo + 224, k, sb, 6, 7)
             d = ld_f16(o + Q6_K_D)
-            a0 = fma_i(a0, isum_q6_k(o, xo, scv, bs0), d * ld_f32(xd0))
-            a1 = fma_i(a1, isum_q6_k(o, xo + k, scv, bs0 + 4 * nbs), d * ld_f32(xd0 + 4 * nbx))
-            a2 = fma_i(a2, isum_q6_k(o, xo + 2 * k, scv, bs0 + 8 * nbs), d * ld_f32(xd0 + 8 * nbx))
-            a3 = fma_i(a3, isum_q6_k(o, xo + 3 * k, scv, bs0 + 12 * nbs), d * ld_f32(xd0 + 12 * nbx))
+            a0 = fma_i(a0, sub_i32x8(i0, q6_off16(scv, bs)), d * ld_f32(xd))
+            a1 = fma_i(a1, sub_i32x8(i1, q6_off16(scv, bs + cb)), d * ld_f32(xd + cd))
+            a2 = fma_i(a2, sub_i32x8(i2, q6_off16(scv, bs + 2 * cb)), d * ld_f32(xd + 2 * cd))
+            a3 = fma_i(a3, sub_i32x8(i3, q6_off16(scv, bs + 3 * cb)), d * ld_f32(xd + 3 * cd))
         else:
-            if t == 12:
-                o = wa + b * Q4_K_BB
-                scv = k4_scales(o + Q4_K_SC)
-                d = ld_f16(o + Q4_K_D)
-                dm = -ld_f16(o + Q4_K_DMIN)
-                a0 = fma_i(a0, isum_q4_k(o + Q4_K_QS, xo, scv), d * ld_f32(xd0))
-                a1 = fma_i(a1, isum_q4_k(o + Q4_K_QS, xo + k, scv), d * ld_f32(xd0 + 4 * nbx))
-                a2 = fma_i(a2, isum_q4_k(o + Q4_K_QS, xo + 2 * k, scv), d * ld_f32(xd0 + 8 * nbx))
-                a3 = fma_i(a3, isum_q4_k(o + Q4_K_QS, xo + 3 * k, scv), d * ld_f32(xd0 + 12 * nbx))
+            five = t == 13
+            scv = k4_scales(o + (Q5_K_SC if five else Q4_K_SC))
+            sc = k_dup(scv, 0)
+            q = o + (Q5_K_QS if five else Q4_K_QS)
+            h = ld_i8x32(o + Q5_K_QH)  # (unused for Q4_K)
+            i0, i1, i2, i3 = sub4_45(zi, zi, zi, zi, q, h, five, xo, k, sc, 0, 1, 1)
+            i0, i1, i2, i3 = sub4_45(i0, i1, i2, i3, q + 32, h, five, xo + 64, k, sc, 2, 3, 4)
+            i0, i1, i2, i3 = sub4_45(i0, i1, i2, i3, q + 64, h, five, xo + 128, k, sc, 4, 5, 16)
+            i0, i1, i2, i3 = sub4_45(i0, i1, i2, i3, q + 96, h, five, xo + 192, k, sc, 6, 7, 64)
+            d = ld_f16(o + (Q5_K_D if five else Q4_K_D))
+            dm = -ld_f16(o + (Q5_K_DMIN if five else Q4_K_DMIN))
+            dx0, dx1, dx2, dx3 = ld_f32(xd), ld_f32(xd + cd), ld_f32(xd + 2 * cd), ld_f32(xd + 3 * cd)
+            a0, a1, a2, a3 = fma_i(a0, i0, d * dx0), fma_i(a1, i1, d * dx1), fma_i(a2, i2, d * dx2), fma_i(a3, i3, d * dx3)
+            if five:
+                s0 = fma32(np.float32(hsum_i32x8(k4_mins16(scv, bs))), dm * dx0, s0)
+                s1 = fma32(np.float32(hsum_i32x8(k4_mins16(scv, bs + cb))), dm * dx1, s1)
+                s2 = fma32(np.float32(hsum_i32x8(k4_mins16(scv, bs + 2 * cb))), dm * dx2, s2)
+                s3 = fma32(np.float32(hsum_i32x8(k4_mins16(scv, bs + 3 * cb))), dm * dx3, s3)
             else:
-                o = wa + b * Q5_K_BB
-                scv = k4_scales(o + Q5_K_SC)
-                d = ld_f16(o + Q5_K_D)
-                dm = -ld_f16(o + Q5_K_DMIN)
-                a0 = fma_i(a0, isum_q5_k(o + Q5_K_QS, o + Q5_K_QH, xo, scv), d * ld_f32(xd0))
-                a1 = fma_i(a1, isum_q5_k(o + Q5_K_QS, o + Q5_K_QH, xo + k, scv), d * ld_f32(xd0 + 4 * nbx))
-                a2 = fma_i(a2, isum_q5_k(o + Q5_K_QS, o + Q5_K_QH, xo + 2 * k, scv), d * ld_f32(xd0 + 8 * nbx))
-                a3 = fma_i(a3, isum_q5_k(o + Q5_K_QS, o + Q5_K_QH, xo + 3 * k, scv), d * ld_f32(xd0 + 12 * nbx))
-            if t == 12:
-                m0 = fma_i(m0, pairsum_lo4(k4_mins(scv, bs0)), dm * ld_f32(xd0))
-                m1 = fma_i(m1, pairsum_lo4(k4_mins(scv, bs0 + 4 * nbs)), dm * ld_f32(xd0 + 4 * nbx))
-                m2 = fma_i(m2, pairsum_lo4(k4_mins(scv, bs0 + 8 * nbs)), dm * ld_f32(xd0 + 8 * nbx))
-                m3 = fma_i(m3, pairsum_lo4(k4_mins(scv, bs0 + 12 * nbs)), dm * ld_f32(xd0 + 12 * nbx))
-            else:
-                s0 = fma32(np.float32(hsum_i32x8(k4_mins(scv, bs0))), dm * ld_f32(xd0), s0)
-                s1 = fma32(np.float32(hsum_i32x8(k4_mins(scv, bs0 + 4 * nbs))), dm * ld_f32(xd0 + 4 * nbx), s1)
-                s2 = fma32(np.float32(hsum_i32x8(k4_mins(scv, bs0 + 8 * nbs))), dm * ld_f32(xd0 + 8 * nbx), s2)
-                s3 = fma32(np.float32(hsum_i32x8(k4_mins(scv, bs0 + 12 * nbs))), dm * ld_f32(xd0 + 12 * nbx), s3)
+                m0 = fma_i(m0, k4_mins16(scv, bs), dm * dx0)
+                m1 = fma_i(m1, k4_mins16(scv, bs + cb), dm * dx1)
+                m2 = fma_i(m2, k4_mins16(scv, bs + 2 * cb), dm * dx2)
+                m3 = fma_i(m3, k4_mins16(scv, bs + 3 * cb), dm * dx3)
     if t == 12:
         out[j, col] = hsum_f32x8(a0) + hsum_lo4(m0)
         out[j + 1, col] = hsum_f32x8(a1) + hsum_lo4(m1)
         out[j + 2, col] = hsum_f32x8(a2) + hsum_lo4(m2)
         out[j + 3, col] = hsum_f32x8(a3) + hsum_lo4(m3)
-    else:
-        out[j, col] = hsum_f32x8(a0) + s0  # Q6_K: s* stay 0
+    elif t == 13:
+        out[j, col] = hsum_f32x8(a0) + s0
         out[j + 1, col] = hsum_f32x8(a1) + s1
         out[j + 2, col] = hsum_f32x8(a2) + s2
         out[j + 3, col] = hsum_f32x8(a3) + s3
+    else:
+        out[j, col] = hsum_f32x8(a0)
+        out[j + 1, col] = hsum_f32x8(a1)
+        out[j + 2, col] = hsum_f32x8(a2)
+        out[j + 3, col] = hsum_f32x8(a3)
 
 
 @njit(nogil=True, cache=True)
-def rows4(t, w, xq, xd, xbs, xe, out, col0, r0, r1, tab):
-    """Columns 0 .. n - n%4 in groups of 4, rows r0..r1: a 1 x 4 tile, the weight row re-read from L1."""
+def dot4_q4_k(wa, nb, xa, k, xda, nbx, bsa, nbs, out, j, col):
+    tile4_k(12, wa, nb, xa, k, xda, nbx, bsa, nbs, out, j, col)
+
+
+@njit(nogil=True, cache=True)
+def dot4_q5_k(wa, nb, xa, k, xda, nbx, bsa, nbs, out, j, col):
+    tile4_k(13, wa, nb, xa, k, xda, nbx, bsa, nbs, out, j, col)
+
+
+@njit(nogil=True, cache=True)
+def dot4_q6_k(wa, nb, xa, k, xda, nbx, bsa, nbs, out, j, col):
+    tile4_k(14, wa, nb, xa, k, xda, nbx, bsa, nbs, out, j, col)
+
+
+@njit(nogil=True, cache=True)
+def x_sums16(t, xbs, n):
+    """K-quants with 4 or more columns: the activations' q8_K sums of 16 as the tile reads them,
+    int16 (|sum| <= 16 * 128): Q6_K 16 per super-block as they are; Q4_K / Q5_K 8, summed in
+    pairs (sums of 32, llama.cpp's hadd).  Else (n, 0)."""
+    if n < 4 or (t != 12 and t != 13 and t != 14):
+        return np.empty((n, 0), np.int16)
+    m = xbs.shape[1]
+    if t == 14:
+        out = np.empty((n, m), np.int16)
+        for j in range(n):
+            for i in range(m):
+                out[j, i] = xbs[j, i]
+        return out
+    out = np.empty((n, m // 2), np.int16)
+    for j in range(n):
+        for i in range(m // 2):
+            out[j, i] = xbs[j, 2 * i] + xbs[j, 2 * i + 1]
+    return out
+
+
+@njit(nogil=True, cache=True)
+def rows4(t, w, xq, xd, ks, out, col0, r0, r1):
+    """K-quants: columns 0 .. n - n%4 in groups of 4, rows r0..r1: a 1 x 4 tile, the weight row re-read from L1."""
     n, k = xq.shape
     rb = w.shape[1]
     wbase = w.ctypes.data
     xqa = xq.ctypes.data
     nbx = xd.shape[1]
-    nbs = xbs.shape[1]
+    nbs = ks.shape[1]
     for r in range(r0, r1):
         wa = wbase + r * rb
         for j in range(0, n - 3, 4):
-            if t == 12 or t == 13 or t == 14:
-                dot4_k(t, wa, rb // (Q6_K_BB if t == 14 else (Q4_K_BB if t == 12 else Q5_K_BB)), xqa + j * k, k,
-                       xd.ctypes.data + 4 * nbx * j, nbx, xbs.ctypes.data + 4 * nbs * j, nbs, out, j, col0 + r)
+            xa, xda, bsa = xqa + j * k, xd.ctypes.data + 4 * nbx * j, ks.ctypes.data + 2 * nbs * j
+            if t == 12:
+                dot4_q4_k(wa, rb // Q4_K_BB, xa, k, xda, nbx, bsa, nbs, out, j, col0 + r)
+            elif t == 13:
+                dot4_q5_k(wa, rb // Q5_K_BB, xa, k, xda, nbx, bsa, nbs, out, j, col0 + r)
             else:
-                bb = Q4_0_BB if t == 2 else (Q4_1_BB if t == 3 else (Q5_0_BB if t == 6 else Q8_0_BB))
-                dot4_legacy(t, wa, rb // bb, xqa + j * k, k, xd.ctypes.data + 4 * nbx * j, xe.ctypes.data + 4 * nbx * j,
-                            nbx, tab.ctypes.data, out, j, col0 + r)
+                dot4_q6_k(wa, rb // Q6_K_BB, xa, k, xda, nbx, bsa, nbs, out, j, col0 + r)
+
+
+# ---- legacy types, several columns (prefill, batched decode): a 1 x 8 register tile ----
+# Each weight block is unpacked once and dotted with 8 activation columns.  On Zen 3 (AVX2, no
+# VNNI) the cost is the per-column work, not the unpacking: a one-column dot is ~14 instructions
+# per block; with a tile the floor is maddubs, (offset), maddwd, cvt, fma -- measured ~2 cycles
+# per column and block on this CPU.  x_groups lays each group of 8 columns out block by block
+# (their 8 x 32 int8 x, then their x scales), and precomputes the part of Q4_0 / Q5_0's offset
+# that depends on x alone, so a column costs one vpmaddubsw and no unpacking.  The products
+# d_w * d_x of the 8 columns are one vmulps, stored and broadcast back per column.  Each output
+# is still the one-column dot (same integer lanes, same float operations in the same order), so
+# a column has the same bits alone or in any batch.
+
+GROUP = 8  # columns per tile
+GROUP_MIN = 6  # a last group of fewer columns goes column by column (dot2_legacy): cheaper
+
+
+@njit(nogil=True, cache=True)
+def x_groups(t, xq, xd, xe):
+    """Legacy type t, activations (n, k) int8 + per-block scales -> the tile groups' layout:
+    gx (ng, nb, 8, 32) int8; go (ng, nb, 8, 16) int16 Q4_0 / Q5_0 offset pair sums (st_off16,
+    else empty); gd (ng, nb, 8) float32 x scales; ge (ng, nb, 8) Q4_1 s_x (else empty).
+    ng = n // 8, plus one when n % 8 >= GROUP_MIN (its missing columns repeat column n - 1)."""
+    n, k = xq.shape
+    nb = k // QK
+    ng = n // GROUP + (1 if n % GROUP >= GROUP_MIN else 0)
+    if t != 2 and t != 3 and t != 6 and t != 8:
+        ng = 0
+    off = 8 if t == 2 else 16
+    gx = np.empty((ng, nb, GROUP, QK), np.int8)
+    go = np.empty((ng, nb if t == 2 or t == 6 else 0, GROUP, QK // 2), np.int16)
+    gd = np.empty((ng, nb, GROUP), np.float32)
+    ge = np.empty((ng, nb if t == 3 else 0, GROUP), np.float32)
+    xe32 = xe.view(np.float32)
+    for g in range(ng):
+        for c in range(GROUP):
+            j = min(g * GROUP + c, n - 1)
+            src = xq.ctypes.data + j * k
+            for b in range(nb):
+                dst = gx.ctypes.data + ((g * nb + b) * GROUP + c) * QK
+                st_i8x32(dst, ld_i8x32(src + b * QK))
+                gd[g, b, c] = xd[j, b]
+                if t == 2 or t == 6:
+                    st_off16(go.ctypes.data + ((g * nb + b) * GROUP + c) * QK, dst, off)
+                if t == 3:
+                    ge[g, b, c] = xe32[j, b]
+    return gx, go, gd, ge
+
+
+@njit(nogil=True, cache=True, inline="always")
+def col8(t, a, u, aw, xo, oo, sa):
+    """One column of a tile: a + (integer lanes of weights u . x at xo) * (d_w d_x stored at sa)."""
+    if t == 2 or t == 6:
+        return fma_iv(a, dot_us_pre(u, xo, oo), splat_f32_ld(sa))
+    if t == 3:
+        return fma_iv(a, dot_us(u, xo), splat_f32_ld(sa))
+    return fma_iv(a, dot_ss_abs(aw, u, xo), splat_f32_ld(sa))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def tile8(t, wa, nb, xa, oa, da, ea, sa, tab):
+    """Q4_0 / Q4_1 / Q5_0 / Q8_0 row at wa . the 8 columns of one x_groups group (x at xa, offsets
+    at oa, scales at da, Q4_1 s_x at ea) -> 8 float32, each as dot2_legacy forms it.  sa: 16
+    float32 of scratch (the products, then Q4_1's mins).  Inlined into one function per type
+    (tile8_q4_0, ...): with t a constant, the loop has no type branches and its 8 accumulators
+    stay in registers."""
+    z = zero_f32x8()
+    a0, a1, a2, a3, a4, a5, a6, a7 = z, z, z, z, z, z, z, z
+    m = z  # Q4_1: column c's min chain in lane c, as dot2_legacy's scalar s0
+    bb = Q4_0_BB if t == 2 else (Q4_1_BB if t == 3 else (Q5_0_BB if t == 6 else Q8_0_BB))
+    for b in range(nb):
+        o = wa + b * bb
+        prefetch(o + PF)
+        if t == 8:
+            prefetch(o + PF + 64)
+        if t == 2:
+            u = ld_nibbles16(o + Q4_0_QS)
+            dw = splat_tab(tab, o + Q4_0_D)
+        elif t == 6:
+            u = w_q5_0(o)
+            dw = splat_tab(tab, o + Q5_0_D)
+        elif t == 3:
+            u = ld_nibbles16(o + Q4_1_QS)
+            dw = splat_tab(tab, o + Q4_1_D)
+            m = fma_f(m, splat_tab(tab, o + Q4_1_M), ld_f32x8(ea + 32 * b))
+        else:
+            u = ld_i8x32(o + Q8_0_QS)
+            dw = splat_tab(tab, o + Q8_0_D)
+        aw = abs_i8(u)  # Q8_0's |w|; dead code for the others
+        st_f32x8(sa, mul_f32x8(dw, ld_f32x8(da + 32 * b)))
+        xo = xa + b * GROUP * QK
+        oo = oa + b * GROUP * QK
+        a0 = col8(t, a0, u, aw, xo, oo, sa)
+        a1 = col8(t, a1, u, aw, xo + QK, oo + QK, sa + 4)
+        a2 = col8(t, a2, u, aw, xo + 2 * QK, oo + 2 * QK, sa + 8)
+        a3 = col8(t, a3, u, aw, xo + 3 * QK, oo + 3 * QK, sa + 12)
+        a4 = col8(t, a4, u, aw, xo + 4 * QK, oo + 4 * QK, sa + 16)
+        a5 = col8(t, a5, u, aw, xo + 5 * QK, oo + 5 * QK, sa + 20)
+        a6 = col8(t, a6, u, aw, xo + 6 * QK, oo + 6 * QK, sa + 24)
+        a7 = col8(t, a7, u, aw, xo + 7 * QK, oo + 7 * QK, sa + 28)
+    if t == 3:
+        st_f32x8(sa + 32, m)
+        return (hsum_f32x8(a0) + ld_f32(sa + 32), hsum_f32x8(a1) + ld_f32(sa + 36), hsum_f32x8(a2) + ld_f32(sa + 40),
+                hsum_f32x8(a3) + ld_f32(sa + 44), hsum_f32x8(a4) + ld_f32(sa + 48), hsum_f32x8(a5) + ld_f32(sa + 52),
+                hsum_f32x8(a6) + ld_f32(sa + 56), hsum_f32x8(a7) + ld_f32(sa + 60))
+    return (hsum_f32x8(a0), hsum_f32x8(a1), hsum_f32x8(a2), hsum_f32x8(a3), hsum_f32x8(a4), hsum_f32x8(a5),
+            hsum_f32x8(a6), hsum_f32x8(a7))
+
+
+@njit(nogil=True, cache=True)
+def tile8_q4_0(wa, nb, xa, oa, da, ea, sa, tab):
+    return tile8(2, wa, nb, xa, oa, da, ea, sa, tab)
+
+
+@njit(nogil=True, cache=True)
+def tile8_q4_1(wa, nb, xa, oa, da, ea, sa, tab):
+    return tile8(3, wa, nb, xa, oa, da, ea, sa, tab)
+
+
+@njit(nogil=True, cache=True)
+def tile8_q5_0(wa, nb, xa, oa, da, ea, sa, tab):
+    return tile8(6, wa, nb, xa, oa, da, ea, sa, tab)
+
+
+@njit(nogil=True, cache=True)
+def tile8_q8_0(wa, nb, xa, oa, da, ea, sa, tab):
+    return tile8(8, wa, nb, xa, oa, da, ea, sa, tab)
+
+
+@njit(nogil=True, cache=True)
+def rows8(t, w, gx, go, gd, ge, out, col0, r0, r1, tab, n):
+    """out[j, col0 + r] for rows r0..r1 and the columns of x_groups' groups (j < n): group by
+    group, so that a group's activations stay in L1/L2 while the chunk's rows pass by."""
+    ng, nb = gx.shape[0], gx.shape[1]
+    rb = w.shape[1]
+    sa = np.zeros(16, np.float32)
+    for g in range(ng):
+        xa = gx.ctypes.data + g * nb * GROUP * QK
+        oa = go.ctypes.data + g * go.shape[1] * GROUP * QK
+        da = gd.ctypes.data + g * nb * GROUP * 4
+        ea = ge.ctypes.data + g * ge.shape[1] * GROUP * 4
+        nc = min(GROUP, n - g * GROUP)
+        for r in range(r0, r1):
+            wa = w.ctypes.data + r * rb
+            if t == 2:
+                v = tile8_q4_0(wa, nb, xa, oa, da, ea, sa.ctypes.data, tab.ctypes.data)
+            elif t == 3:
+                v = tile8_q4_1(wa, nb, xa, oa, da, ea, sa.ctypes.data, tab.ctypes.data)
+            elif t == 6:
+                v = tile8_q5_0(wa, nb, xa, oa, da, ea, sa.ctypes.data, tab.ctypes.data)
+            else:
+                v = tile8_q8_0(wa, nb, xa, oa, da, ea, sa.ctypes.data, tab.ctypes.data)
+            for c in range(nc):
+                out[g * GROUP + c, col0 + r] = v[c]
 
 
 # ---- drivers ----
@@ -548,7 +732,9 @@ def matmul_serial(w, t, x, out, col0, tab):
     if t == 1:  # llama.cpp rounds x to f16 for F16 weights
         x = x.copy()
         f16round_inplace(x)
-    rows(t, w, x, xq, xd, xbs, xe, out, col0, 0, w.shape[0], tab)
+    gx, go, gd, ge = x_groups(t, xq, xd, xe)
+    ks = x_sums16(t, xbs, x.shape[0])
+    rows(t, w, x, xq, xd, xbs, xe, gx, go, gd, ge, ks, out, col0, 0, w.shape[0], tab)
 
 
 @njit(nogil=True, cache=True, parallel=True)
@@ -559,8 +745,10 @@ def matmul_parallel(w, t, x, out, col0, tab):
     if t == 1:  # llama.cpp rounds x to f16 for F16 weights
         x = x.copy()
         f16round_inplace(x)
+    gx, go, gd, ge = x_groups(t, xq, xd, xe)
+    ks = x_sums16(t, xbs, x.shape[0])
     nrows = w.shape[0]
     # numba's static schedule gives each thread one contiguous run of chunks (a sequential
     # stream for the prefetcher); get_num_threads() here would defeat cache=True
     for c in prange((nrows + ROW_CHUNK - 1) // ROW_CHUNK):
-        rows(t, w, x, xq, xd, xbs, xe, out, col0, c * ROW_CHUNK, min(nrows, (c + 1) * ROW_CHUNK), tab)
+        rows(t, w, x, xq, xd, xbs, xe, gx, go, gd, ge, ks, out, col0, c * ROW_CHUNK, min(nrows, (c + 1) * ROW_CHUNK), tab)

@@ -512,3 +512,105 @@ def sub_i32x8(typingctx, a, b):
     def codegen(context, builder, sig, args):
         return builder.sub(args[0], args[1])
     return I32x8(I32x8, I32x8), codegen
+
+
+# ---- several activation columns against one weight block (avx2.tile8) ----
+
+@intrinsic
+def st_i8x32(typingctx, addr, v):
+    """Store 32 bytes at addr."""
+    def codegen(context, builder, sig, args):
+        builder.store(args[1], _ptr(builder, args[0], _v32i8), align=1)
+        return context.get_dummy_value()
+    return types.none(types.intp, I8x32), codegen
+
+
+@intrinsic
+def st_f32x8(typingctx, addr, v):
+    """Store 8 float32 at addr."""
+    def codegen(context, builder, sig, args):
+        builder.store(args[1], _ptr(builder, args[0], _v8f32), align=4)
+        return context.get_dummy_value()
+    return types.none(types.intp, F32x8), codegen
+
+
+@intrinsic
+def st_off16(typingctx, addr, xaddr, off):
+    """Store at addr the 16 x i16 pair sums off * (x[2i] + x[2i+1]) of the 32 int8 x at xaddr:
+    the activation half of dot_us_off, which depends on x alone, computed once per column."""
+    def codegen(context, builder, sig, args):
+        o = _splat(builder, builder.trunc(_as(context, builder, args[2], sig.args[2], types.int64), _i8), _v32i8)
+        builder.store(_maddubs(builder, o, _load(builder, args[1], _v32i8)), _ptr(builder, args[0], _v16i16), align=1)
+        return context.get_dummy_value()
+    return types.none(types.intp, types.intp, off), codegen
+
+
+@intrinsic
+def dot_us_pre(typingctx, u, xaddr, oaddr):
+    """dot_us_off with the offset pair sums stored by st_off16 at oaddr: maddubs(u, x) - off16,
+    then vpmaddwd with ones.  The same integers, one vpmaddubsw fewer per column."""
+    def codegen(context, builder, sig, args):
+        p = builder.sub(_maddubs(builder, args[0], _load(builder, args[1], _v32i8)), _load(builder, args[2], _v16i16))
+        return _maddwd(builder, p, ir.Constant(_v16i16, [1] * 16))
+    return I32x8(I8x32, types.intp, types.intp), codegen
+
+
+@intrinsic
+def abs_i8(typingctx, v):
+    def codegen(context, builder, sig, args):
+        return builder.call(_fn(builder, "llvm.abs.v32i8", _v32i8, [_v32i8, ir.IntType(1)]),
+                            [args[0], ir.Constant(ir.IntType(1), 0)])
+    return I8x32(I8x32), codegen
+
+
+@intrinsic
+def dot_ss_abs(typingctx, absw, w, xaddr):
+    """dot_ss with |w| given (shared by the columns of a tile): |w| . sign(x, w) -> 8 x i32."""
+    def codegen(context, builder, sig, args):
+        x = _load(builder, args[2], _v32i8)
+        sx = builder.call(_fn(builder, "llvm.x86.avx2.psign.b", _v32i8, [_v32i8, _v32i8]), [x, args[1]])
+        return _maddwd(builder, _maddubs(builder, args[0], sx), ir.Constant(_v16i16, [1] * 16))
+    return I32x8(I8x32, I8x32, types.intp), codegen
+
+
+@intrinsic
+def fence4(typingctx, a, b, c, d):
+    """(a, b, c, d) unchanged, through an empty inline asm that LLVM cannot see into.  The K-quant
+    tile passes its 4 columns' integer sums through it after each sub-block, so that LLVM keeps
+    the written order (one unpacked sub-block live at a time) rather than regrouping the adds
+    column by column, which keeps all 8 unpacked sub-blocks live and spills."""
+    def codegen(context, builder, sig, args):
+        st = ir.LiteralStructType([_v8i32] * 4)
+        call = builder.asm(ir.FunctionType(st, [_v8i32] * 4), "", "=x,=x,=x,=x,0,1,2,3", list(args), False)
+        return context.make_tuple(builder, sig.return_type, [builder.extract_value(call, i) for i in range(4)])
+    return types.UniTuple(I32x8, 4)(I32x8, I32x8, I32x8, I32x8), codegen
+
+
+@intrinsic
+def zero_i32x8(typingctx):
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_v8i32, None)
+    return I32x8(), codegen
+
+
+@intrinsic
+def k4_mins16(typingctx, scv, bpaddr):
+    """pairsum_lo4(k4_mins(...)) from int16 sums: lane p = m[2p] bp[2p] + m[2p+1] bp[2p+1] (lanes
+    4-7 zero), m = scv[8..15], bp the 8 int16 sums of 32 activations at bpaddr; one vpmaddwd (as
+    llama.cpp's _mm_madd_epi16 of the mins with its hadd-ed bsums).  The same integers."""
+    def codegen(context, builder, sig, args):
+        v8i16 = ir.VectorType(_i16, 8)
+        m = builder.shuffle_vector(args[0], args[0], ir.Constant(ir.VectorType(_i32, 8), list(range(8, 16))))
+        p = builder.call(_fn(builder, "llvm.x86.sse2.pmadd.wd", ir.VectorType(_i32, 4), [v8i16, v8i16]),
+                         [m, _load(builder, args[1], v8i16, align=2)])
+        return builder.shuffle_vector(p, ir.Constant(ir.VectorType(_i32, 4), None),
+                                      ir.Constant(ir.VectorType(_i32, 8), [0, 1, 2, 3, 4, 4, 4, 4]))
+    return I32x8(I16x16, types.intp), codegen
+
+
+@intrinsic
+def q6_off16(typingctx, scv, bsaddr):
+    """q6_off from 16 int16 sums at bsaddr: one vpmaddwd of the scales with them, << 5."""
+    def codegen(context, builder, sig, args):
+        return builder.shl(_maddwd(builder, args[0], _load(builder, args[1], _v16i16, align=2)), ir.Constant(_v8i32, [5] * 8))
+    return I32x8(I16x16, types.intp), codegen

@@ -166,11 +166,13 @@ def _both_backends(w, t, x):
     return outs
 
 
-@pytest.mark.parametrize("n", [1, 6])
+@pytest.mark.parametrize("n", [1, 6, 13])
 @pytest.mark.parametrize("t", TYPES, ids=NAMES)
 def test_backends_bitwise_equal(t, n):
     """Both backends follow llama.cpp's float order, so they give the same bits (odd row count:
-    the AVX2 kernel's lone last row; n = 6: one 4-column tile plus 2 single columns)."""
+    the AVX2 kernel's lone last row; n = 6: one 8-column legacy tile with 2 columns repeated, or
+    one 4-column K-quant tile plus 2 single columns; n = 13: a full and a padded legacy tile, or
+    3 K-quant tiles and a single column)."""
     if not fk.cpu_has_avx2():
         pytest.skip("this CPU lacks AVX2/FMA/F16C")
     rng = np.random.default_rng(100 + t + n)
@@ -188,10 +190,10 @@ def test_prefill_equals_decode(backend, t):
     rng = np.random.default_rng(200 + t)
     k = 512 if LAYOUTS[t].block_elems == 256 else 320
     w = random_weights(rng, t, 21, k)
-    x = rng.standard_normal((7, k)).astype(np.float32)
-    full = np.empty((7, 21), np.float32)
+    x = rng.standard_normal((15, k)).astype(np.float32)  # 8 + 7 columns: tiles, padded tiles, single columns
+    full = np.empty((15, 21), np.float32)
     fk.matmul(w, t, x, full)
-    for j in range(7):
+    for j in range(15):
         one = np.empty((1, 21), np.float32)
         fk.matmul(w, t, x[j:j + 1], one)
         assert np.array_equal(one[0], full[j]), f"column {j}"
@@ -318,13 +320,15 @@ def test_matmul_equals_ggml_vec_dot(backend, t):
     assert np.array_equal(out, ggml_matmul(cpu, w, t, x))
 
 
-def test_parallel_path(backend):
-    """Large enough to take the threaded kernel; rows split across threads must all be written."""
+@pytest.mark.parametrize("n", [2, 9])
+def test_parallel_path(backend, n):
+    """Large enough to take the threaded kernel; rows split across threads must all be written
+    (n = 9: a column tile and a single column in every row chunk)."""
     rng = np.random.default_rng(7)
     rows = fk.PARALLEL_MIN_BYTES // LAYOUTS[2].row_bytes(512) + 37
     w = random_weights(rng, 2, rows, 512)
-    x = rng.standard_normal((2, 512)).astype(np.float32)
-    out = np.full((2, rows), np.nan, np.float32)
+    x = rng.standard_normal((n, 512)).astype(np.float32)
+    out = np.full((n, rows), np.nan, np.float32)
     fk.matmul(w, 2, x, out)
     assert (np.abs(out - int_reference(w, 2, x)) / norms(w, 2, x)).max() < 2e-6
 
