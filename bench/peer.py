@@ -5,6 +5,12 @@ greedy decoding, and run alternately (flexio, llama.cpp, flexio, ...) in one
 process so that a noisy shared machine affects both alike; medians are reported.
 GenerationStats time ours (wall clock around the same calls on both sides). Without
 llama-cpp-python only flexio is measured.
+
+llama.cpp runs twice over: as it is by default, and with its weight repacking off
+(`use_extra_bufts=False`, reported as "llama_cpp_no_repack"). By default its AVX2 build copies
+Q4_0 / Q4_K weights into an interleaved layout whose kernels sum in another order; without
+it, llama.cpp does the arithmetic flexio replays bit for bit, so that ratio compares the same
+work done two ways.
 """
 
 from __future__ import annotations
@@ -55,6 +61,28 @@ def _llama_cpp_run(llm, llama_cpp, tokens: list[int], n: int) -> tuple[float, fl
     return len(tokens) / (t1 - t0), (n - 1) / (t2 - t1) if n > 1 else 0.0
 
 
+def _llama(llama_cpp, path: str, args: argparse.Namespace, repack: bool):
+    """A llama_cpp.Llama on path; repack=False turns its CPU weight repacking off (the
+    use_extra_bufts model parameter, which llama-cpp-python does not expose: its defaults
+    function is wrapped while the model loads)."""
+    import llama_cpp.llama_cpp as low
+
+    defaults = low.llama_model_default_params
+
+    def params():
+        p = defaults()
+        p.use_extra_bufts = False
+        return p
+
+    if not repack:
+        low.llama_model_default_params = llama_cpp.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(path, n_threads=args.threads, n_threads_batch=args.threads, n_ctx=args.ctx,
+                               n_batch=512, logits_all=False, verbose=False)
+    finally:
+        low.llama_model_default_params = llama_cpp.llama_model_default_params = defaults
+
+
 async def _bench(args: argparse.Namespace) -> dict:
     from flexio.engine import Engine
 
@@ -67,20 +95,23 @@ async def _bench(args: argparse.Namespace) -> dict:
         ids = e.tokenizer.encode(FILLER * (args.prompt_tokens // 20 + 2))[: args.prompt_tokens]
         # warm-up: JIT compile / cache load of every kernel this model uses, prefill and decode shapes
         _ = [t async for t in e.generate_tokens(ids[:8], 2)]
-        llm = None
+        peers = {}  # result key -> Llama
         if llama_cpp is not None:
-            llm = llama_cpp.Llama(path, n_threads=args.threads, n_threads_batch=args.threads, n_ctx=args.ctx,
-                                  n_batch=512, logits_all=False, verbose=False)
-            _llama_cpp_run(llm, llama_cpp, ids[:8], 2)
-        ours_p, ours_d, peer_p, peer_d = [], [], [], []
+            peers = {"llama_cpp": _llama(llama_cpp, path, args, repack=True),
+                     "llama_cpp_no_repack": _llama(llama_cpp, path, args, repack=False)}
+            for llm in peers.values():
+                _llama_cpp_run(llm, llama_cpp, ids[:8], 2)
+        ours_p, ours_d = [], []
+        peer_p = {name: [] for name in peers}
+        peer_d = {name: [] for name in peers}
         for _ in range(args.reps):
             _ = [t async for t in e.generate_tokens(ids, args.decode_tokens)]
             ours_p.append(e.stats.prompt_tok_s)
             ours_d.append(e.stats.decode_tok_s)
-            if llm is not None:
+            for name, llm in peers.items():
                 p, d = _llama_cpp_run(llm, llama_cpp, ids, args.decode_tokens)
-                peer_p.append(p)
-                peer_d.append(d)
+                peer_p[name].append(p)
+                peer_d[name].append(d)
         med = statistics.median
         result = {
             "model": path,
@@ -92,13 +123,15 @@ async def _bench(args: argparse.Namespace) -> dict:
             "flexio": {"prefill_tok_s": round(med(ours_p), 2), "decode_tok_s": round(med(ours_d), 2),
                        "decode_runs": [round(x, 2) for x in ours_d]},
         }
-        if llm is not None:
-            result["llama_cpp"] = {"version": llama_cpp.__version__, "prefill_tok_s": round(med(peer_p), 2),
-                                   "decode_tok_s": round(med(peer_d), 2), "decode_runs": [round(x, 2) for x in peer_d]}
-            result["ratio"] = {"decode": round(med(ours_d) / med(peer_d), 3),
-                               "prefill": round(med(ours_p) / med(peer_p), 3)}
+        for name, llm in peers.items():
+            result[name] = {"version": llama_cpp.__version__, "prefill_tok_s": round(med(peer_p[name]), 2),
+                            "decode_tok_s": round(med(peer_d[name]), 2),
+                            "decode_runs": [round(x, 2) for x in peer_d[name]]}
+            key = "ratio" if name == "llama_cpp" else "ratio_no_repack"
+            result[key] = {"decode": round(med(ours_d) / med(peer_d[name]), 3),
+                           "prefill": round(med(ours_p) / med(peer_p[name]), 3)}
             llm.close()
-        else:
+        if not peers:
             result["llama_cpp"] = None
             result["note"] = "llama-cpp-python is not installed (pip install -e .[peer]): no ratio"
         return result

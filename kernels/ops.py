@@ -24,6 +24,7 @@ from numba.core import types
 from numba.extending import intrinsic
 
 from .simd import fma32 as fmaf  # a * b + c rounded once (llvm.fma.f32)
+from .simd import fma_f, hsum_f32x8, ld_f32x8, st_f32x8, zero_f32x8  # 8-lane float32 vectors (plain LLVM IR, any CPU)
 
 
 F16_TO_F32 = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)  # (65536,)
@@ -243,26 +244,32 @@ def reduce_4x8(a):
     return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
 
 
+QBLOCK = 16  # prefill queries per attention job: they share one f16 -> f32 conversion of the keys and values
+
+
 @njit(nogil=True, cache=True, inline="always")
-def _attend_group(job, q, kcache, vcache, pos0, n_heads, n_kv_heads, head_dim, f16, scale, window, tile, scores, out):
-    """Query token i = job // n_kv_heads against kv head g = job % n_kv_heads, for the query heads
-    that share it (GQA). The kv head's keys and values of the visible positions are converted from
-    f16 once into float32 blocks, so that every inner loop below runs over contiguous float32 and
-    vectorizes; the arithmetic per output element is unchanged (see `attention`)."""
-    i = job // n_kv_heads
+def _attend_group(job, q, kcache, vcache, pos0, n_heads, n_kv_heads, head_dim, f16, scale, window, tile, scores, out,
+                  qblock):
+    """Query tokens i0 .. i1 - 1 (the job's block of qblock queries) against kv head g, for the
+    query heads that share it (GQA): job = block * n_kv_heads + g. The kv head's keys and values
+    of the positions these queries see are converted from f16 once per job into float32 blocks,
+    so that every inner loop below runs over contiguous float32 and vectorizes, and a prefill's
+    queries share one conversion; the arithmetic per output element is unchanged (see
+    `attention`)."""
     g = job % n_kv_heads
+    i0 = (job // n_kv_heads) * qblock
+    i1 = min(q.shape[0], i0 + qblock)
     group = n_heads // n_kv_heads
     kvo = g * head_dim
-    T = pos0 + i + 1  # positions 0..T-1 are causal for this query
-    lo = T - window if 0 < window < T else 0  # sliding window: positions lo..T-1 (pos_q - pos_k < window)
-    base = lo - lo % 8  # softmax sums cells 8 at a time from cell 0: chunks stay aligned to absolute positions
     cap = kcache.shape[0]  # the cache holds position t at row t % cap (a ring for sliding layers)
     hd = head_dim
-    L = T - lo
-    k32 = np.empty((L, hd), np.float32)
-    v32 = np.empty((L, hd), np.float32)
-    for t in range(L):
-        r = (lo + t) % cap
+    T0 = pos0 + i0 + 1
+    P0 = T0 - window if 0 < window < T0 else 0  # the first position the block's first query sees
+    T_end = pos0 + i1  # one past the last query's position
+    k32 = np.empty((T_end - P0, hd), np.float32)  # row p - P0: position p
+    v32 = np.empty((T_end - P0, hd), np.float32)
+    for t in range(T_end - P0):
+        r = (P0 + t) % cap
         for d in range(hd):
             k32[t, d] = f16[kcache[r, kvo + d]]
             v32[t, d] = f16[vcache[r, kvo + d]]
@@ -270,6 +277,20 @@ def _attend_group(job, q, kcache, vcache, pos0, n_heads, n_kv_heads, head_dim, f
     acc = np.zeros(32, np.float32)
     qh = np.empty(hd, np.float32)
     A = np.empty((lanes, hd), np.float32)
+    for i in range(i0, i1):
+        T = pos0 + i + 1  # positions 0..T-1 are causal for this query
+        lo = T - window if 0 < window < T else 0  # sliding window: positions lo..T-1 (pos_q - pos_k < window)
+        _attend_one(i, g, lo, T, P0, k32, v32, q, n_heads, group, hd, scale, tile, scores, out, acc, qh, A)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _attend_one(i, g, lo, T, P0, k32, v32, q, n_heads, group, hd, scale, tile, scores, out, acc, qh, A):
+    """Query token i (seeing positions lo..T-1; k32 / v32 row p - P0 holds position p) for the
+    query heads of kv head g; acc (32,), qh (hd,), A (lanes, hd): scratch."""
+    base = lo - lo % 8  # softmax sums cells 8 at a time from cell 0: chunks stay aligned to absolute positions
+    L = T - lo
+    kb = lo - P0  # row of position lo in k32 / v32
+    lanes = 8 if tile else 32
     main = hd - hd % lanes
     for hq in range(g * group, (g + 1) * group):
         qo = hq * hd
@@ -279,20 +300,34 @@ def _attend_group(job, q, kcache, vcache, pos0, n_heads, n_kv_heads, head_dim, f
         # scores: q . k as llama.cpp's F16 matmul (tile kernel: 8 lanes + hsum8; vec_dot_f16: 32 lanes
         # = 4 accumulators x 8 + reduce_4x8, leftovers in double)
         mx = np.float32(-np.inf)
+        qa = qh.ctypes.data
         for t in range(L):
-            for lane in range(lanes):
-                acc[lane] = 0.0
-            for d0 in range(0, main, lanes):
-                for lane in range(lanes):
-                    acc[lane] = fmaf(k32[t, d0 + lane], qh[d0 + lane], acc[lane])
-            if tile:
-                for d in range(main, hd):
-                    acc[d % 8] = fmaf(k32[t, d], qh[d], acc[d % 8])
-                v = hsum8(acc, 0)
-            else:
+            ka = k32.ctypes.data + 4 * hd * (kb + t)
+            if tile:  # one 8-lane vector: lane l takes d = l mod 8 (vfmadd over 8 contiguous floats)
+                a8 = zero_f32x8()
+                for d0 in range(0, main, 8):
+                    a8 = fma_f(a8, ld_f32x8(ka + 4 * d0), ld_f32x8(qa + 4 * d0))
+                if main < hd:
+                    st_f32x8(acc.ctypes.data, a8)
+                    for d in range(main, hd):
+                        acc[d % 8] = fmaf(k32[kb + t, d], qh[d], acc[d % 8])
+                    v = hsum8(acc, 0)
+                else:
+                    v = hsum_f32x8(a8)
+            else:  # 4 vectors = lanes 0-31
+                a0, a1, a2, a3 = zero_f32x8(), zero_f32x8(), zero_f32x8(), zero_f32x8()
+                for d0 in range(0, main, 32):
+                    a0 = fma_f(a0, ld_f32x8(ka + 4 * d0), ld_f32x8(qa + 4 * d0))
+                    a1 = fma_f(a1, ld_f32x8(ka + 4 * d0 + 32), ld_f32x8(qa + 4 * d0 + 32))
+                    a2 = fma_f(a2, ld_f32x8(ka + 4 * d0 + 64), ld_f32x8(qa + 4 * d0 + 64))
+                    a3 = fma_f(a3, ld_f32x8(ka + 4 * d0 + 96), ld_f32x8(qa + 4 * d0 + 96))
+                st_f32x8(acc.ctypes.data, a0)
+                st_f32x8(acc.ctypes.data + 32, a1)
+                st_f32x8(acc.ctypes.data + 64, a2)
+                st_f32x8(acc.ctypes.data + 96, a3)
                 tot = np.float64(reduce_4x8(acc))
                 for d in range(main, hd):
-                    tot += np.float64(k32[t, d] * qh[d])
+                    tot += np.float64(k32[kb + t, d] * qh[d])
                 v = np.float32(tot)
             v = v * scale
             s[lo + t - base] = v
@@ -319,7 +354,7 @@ def _attend_group(job, q, kcache, vcache, pos0, n_heads, n_kv_heads, head_dim, f
             lane = t % lanes
             p = s[t - base]
             for d in range(hd):
-                A[lane, d] = fmaf(v32[t - lo, d], p, A[lane, d])
+                A[lane, d] = fmaf(v32[t - P0, d], p, A[lane, d])
         for d in range(hd):
             for lane in range(lanes):
                 acc[lane] = A[lane, d]
@@ -344,20 +379,22 @@ def attention(q, kcache, vcache, pos0, n_heads, n_kv_heads, head_dim, f16, scale
     exact zeros there, so they are skipped here with every lane and chunk kept at its absolute
     position (llama.cpp's swa_full cache holds position t in cell t).
     """
-    jobs = q.shape[0] * n_kv_heads
     tile = q.shape[0] > 1
+    qb = QBLOCK if tile else 1
+    jobs = (q.shape[0] + qb - 1) // qb * n_kv_heads
     fs = np.float32(scale)
     for job in prange(jobs):
-        _attend_group(job, q, kcache, vcache, pos0, n_heads, n_kv_heads, head_dim, f16, fs, window, tile, scores, out)
+        _attend_group(job, q, kcache, vcache, pos0, n_heads, n_kv_heads, head_dim, f16, fs, window, tile, scores, out, qb)
 
 
 @njit(nogil=True, cache=True)
 def attention_serial(q, kcache, vcache, pos0, n_heads, n_kv_heads, head_dim, f16, scale, window, scores, out):
     """`attention` on the calling thread: for short contexts a parallel launch costs more than the work."""
     tile = q.shape[0] > 1
+    qb = QBLOCK if tile else 1
     fs = np.float32(scale)
-    for job in range(q.shape[0] * n_kv_heads):
-        _attend_group(job, q, kcache, vcache, pos0, n_heads, n_kv_heads, head_dim, f16, fs, window, tile, scores, out)
+    for job in range((q.shape[0] + qb - 1) // qb * n_kv_heads):
+        _attend_group(job, q, kcache, vcache, pos0, n_heads, n_kv_heads, head_dim, f16, fs, window, tile, scores, out, qb)
 
 
 @njit(nogil=True, cache=True)
