@@ -8,11 +8,15 @@ disk and CPU weather; with --reps the whole ladder repeats and lines give median
 
 Per N, one JSON line:
   aggregate_decode_tok_s   tokens after the first of every request / (last end - first first-token)
+  steady_decode_tok_s      tokens that arrived while all N requests were decoding / that window
+                           (from the last first token to the first end): the rate of the N-row
+                           decode passes alone, without the prompt passes that the aggregate's
+                           span also holds when requests start at different passes
   per_request_tok_s        median over requests of (tokens - 1) / (its end - its first token)
   ttft_p50_s, ttft_p95_s   time to first token (the prompt's passes, and waiting for a slot)
   batch_size_mean          sequences per forward pass, from the server's /metrics over the run
   streamed_bytes_per_pass  weight bytes each pass reads from disk (the plan's), and bytes_read_per_token
-  ratio_to_1               aggregate tok/s over N = 1's, from the same run
+  ratio_to_1               aggregate tok/s over N = 1's, from the same run (steady_ratio_to_1: the steady rate's)
 When decode is I/O-bound, a pass costs the same for 1 sequence as for 8, so the ratio approaches N;
 when it is compute-bound, it grows as far as the kernels' several-rows path makes extra rows cheap.
 """
@@ -123,12 +127,14 @@ async def metrics(client, url: str) -> dict[str, float]:
 
 
 async def one_request(client, url: str, prompt: str, n: int) -> dict:
-    """One streaming completion: its start, first-token and end times and its token count."""
+    """One streaming completion: its start, first-token and end times, its token count and the arrival
+    time of each piece of text."""
     body = {"model": "bench", "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     first = None
     tokens = None
+    arrivals = []
     async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
@@ -138,12 +144,24 @@ async def one_request(client, url: str, prompt: str, n: int) -> dict:
             chunk = json.loads(line[6:])
             if "error" in chunk:
                 raise RuntimeError(f"stream error: {chunk['error']}")
-            if first is None and chunk.get("choices") and chunk["choices"][0].get("text"):
-                first = time.perf_counter()
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                arrivals.append(time.perf_counter())
+                if first is None:
+                    first = arrivals[-1]
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
     end = time.perf_counter()
-    return {"start": t0, "first": first or end, "end": end, "tokens": tokens or 0}
+    return {"start": t0, "first": first or end, "end": end, "tokens": tokens or 0, "arrivals": arrivals}
+
+
+def steady_rate(runs: list[dict]) -> float:
+    """Tokens per second over the window in which every request was decoding (after the last first
+    token, until the first request ended), counting the text pieces that arrived in it: the rate of
+    passes whose rows are all decodes.  0 if the window is empty."""
+    lo, hi = max(r["first"] for r in runs), min(r["arrivals"][-1] if r["arrivals"] else r["end"] for r in runs)
+    if hi <= lo:
+        return 0.0
+    return sum(1 for r in runs for t in r["arrivals"] if lo < t <= hi) / (hi - lo)
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -167,6 +185,7 @@ async def ladder(client, url: str, conc: list[int], n: int) -> list[dict]:
         out.append({
             "concurrency": k,
             "aggregate_decode_tok_s": decoded / (last - first) if last > first else 0.0,
+            "steady_decode_tok_s": steady_rate(runs),
             "per_request_tok_s": statistics.median(max(r["tokens"] - 1, 0) / (r["end"] - r["first"])
                                                    for r in runs if r["end"] > r["first"]) if k else 0.0,
             "ttft_p50_s": _pct([r["first"] - r["start"] for r in runs], 0.5),
@@ -185,22 +204,26 @@ def _median_lines(reps: list[list[dict]]) -> list[dict]:
     for i, first in enumerate(reps[0]):
         runs = [rep[i] for rep in reps]
         line = dict(first)
-        for key in ("aggregate_decode_tok_s", "per_request_tok_s", "ttft_p50_s", "ttft_p95_s"):
+        for key in ("aggregate_decode_tok_s", "steady_decode_tok_s", "per_request_tok_s", "ttft_p50_s", "ttft_p95_s"):
             line[key] = round(statistics.median(r[key] for r in runs), 3)
         if len(runs) > 1:
             line["runs_aggregate_decode_tok_s"] = [round(r["aggregate_decode_tok_s"], 3) for r in runs]
         lines.append(line)
     base = next((x["aggregate_decode_tok_s"] for x in lines if x["concurrency"] == 1), None)
+    steady = next((x["steady_decode_tok_s"] for x in lines if x["concurrency"] == 1), None)
     for x in lines:
         x["ratio_to_1"] = round(x["aggregate_decode_tok_s"] / base, 3) if base else None
+        x["steady_ratio_to_1"] = round(x["steady_decode_tok_s"] / steady, 3) if steady else None
     return lines
 
 
 def _plot(curves: dict[str, list[dict]], title: str, out: str) -> None:
     fig, ax = figure((7, 4.5))
     for label, lines in curves.items():
-        ax.plot([x["concurrency"] for x in lines], [x["aggregate_decode_tok_s"] for x in lines], marker="o",
-                label=label)
+        line, = ax.plot([x["concurrency"] for x in lines], [x["aggregate_decode_tok_s"] for x in lines], marker="o",
+                        label=label)
+        ax.plot([x["concurrency"] for x in lines], [x["steady_decode_tok_s"] for x in lines], marker="x",
+                linestyle="--", color=line.get_color(), label=f"{label}, all decoding")
     ax.set_xlabel("concurrent streaming requests")
     ax.set_ylabel("aggregate decode tokens/s")
     save(fig, ax, title, out)
