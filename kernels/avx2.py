@@ -570,8 +570,8 @@ def rows4(t, w, xq, xd, ks, out, col0, r0, r1):
 # is still the one-column dot (same integer lanes, same float operations in the same order), so
 # a column has the same bits alone or in any batch.
 
-GROUP = 8  # columns per tile
-GROUP_MIN = 6  # a last group of fewer columns goes column by column (dot2_legacy): cheaper
+GROUP = 8  # columns per tile (a group of 3 or 4 columns takes the tile's 4-wide form)
+GROUP_MIN = 3  # a last group of fewer columns goes column by column (dot2_legacy): cheaper
 
 
 @njit(nogil=True, cache=True)
@@ -579,7 +579,8 @@ def x_groups(t, xq, xd, xe):
     """Legacy type t, activations (n, k) int8 + per-block scales -> the tile groups' layout:
     gx (ng, nb, 8, 32) int8; go (ng, nb, 8, 16) int16 Q4_0 / Q5_0 offset pair sums (st_off16,
     else empty); gd (ng, nb, 8) float32 x scales; ge (ng, nb, 8) Q4_1 s_x (else empty).
-    ng = n // 8, plus one when n % 8 >= GROUP_MIN (its missing columns repeat column n - 1)."""
+    ng = n // 8, plus one when n % 8 >= GROUP_MIN (its missing columns repeat column n - 1; with 3
+    or 4 columns it goes through the 4-wide tile)."""
     n, k = xq.shape
     nb = k // QK
     ng = n // GROUP + (1 if n % GROUP >= GROUP_MIN else 0)
@@ -617,12 +618,12 @@ def col8(t, a, u, aw, xo, oo, sa):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def tile8(t, wa, nb, xa, oa, da, ea, sa, tab):
+def tile8(t, wide, wa, nb, xa, oa, da, ea, sa, tab):
     """Q4_0 / Q4_1 / Q5_0 / Q8_0 row at wa . the 8 columns of one x_groups group (x at xa, offsets
-    at oa, scales at da, Q4_1 s_x at ea) -> 8 float32, each as dot2_legacy forms it.  sa: 16
-    float32 of scratch (the products, then Q4_1's mins).  Inlined into one function per type
-    (tile8_q4_0, ...): with t a constant, the loop has no type branches and its 8 accumulators
-    stay in registers."""
+    at oa, scales at da, Q4_1 s_x at ea) -> 8 float32, each as dot2_legacy forms it; only the first
+    4 unless wide (the others are then 0).  sa: 16 float32 of scratch (the products, then Q4_1's
+    mins).  Inlined into one function per type and width (tile8_q4_0, tile4_q4_0, ...): with t and
+    wide constants, the loop has no branches and its accumulators stay in registers."""
     z = zero_f32x8()
     a0, a1, a2, a3, a4, a5, a6, a7 = z, z, z, z, z, z, z, z
     m = z  # Q4_1: column c's min chain in lane c, as dot2_legacy's scalar s0
@@ -653,10 +654,11 @@ def tile8(t, wa, nb, xa, oa, da, ea, sa, tab):
         a1 = col8(t, a1, u, aw, xo + QK, oo + QK, sa + 4)
         a2 = col8(t, a2, u, aw, xo + 2 * QK, oo + 2 * QK, sa + 8)
         a3 = col8(t, a3, u, aw, xo + 3 * QK, oo + 3 * QK, sa + 12)
-        a4 = col8(t, a4, u, aw, xo + 4 * QK, oo + 4 * QK, sa + 16)
-        a5 = col8(t, a5, u, aw, xo + 5 * QK, oo + 5 * QK, sa + 20)
-        a6 = col8(t, a6, u, aw, xo + 6 * QK, oo + 6 * QK, sa + 24)
-        a7 = col8(t, a7, u, aw, xo + 7 * QK, oo + 7 * QK, sa + 28)
+        if wide:
+            a4 = col8(t, a4, u, aw, xo + 4 * QK, oo + 4 * QK, sa + 16)
+            a5 = col8(t, a5, u, aw, xo + 5 * QK, oo + 5 * QK, sa + 20)
+            a6 = col8(t, a6, u, aw, xo + 6 * QK, oo + 6 * QK, sa + 24)
+            a7 = col8(t, a7, u, aw, xo + 7 * QK, oo + 7 * QK, sa + 28)
     if t == 3:
         st_f32x8(sa + 32, m)
         return (hsum_f32x8(a0) + ld_f32(sa + 32), hsum_f32x8(a1) + ld_f32(sa + 36), hsum_f32x8(a2) + ld_f32(sa + 40),
@@ -668,22 +670,42 @@ def tile8(t, wa, nb, xa, oa, da, ea, sa, tab):
 
 @njit(nogil=True, cache=True)
 def tile8_q4_0(wa, nb, xa, oa, da, ea, sa, tab):
-    return tile8(2, wa, nb, xa, oa, da, ea, sa, tab)
+    return tile8(2, True, wa, nb, xa, oa, da, ea, sa, tab)
+
+
+@njit(nogil=True, cache=True)
+def tile4_q4_0(wa, nb, xa, oa, da, ea, sa, tab):
+    return tile8(2, False, wa, nb, xa, oa, da, ea, sa, tab)
 
 
 @njit(nogil=True, cache=True)
 def tile8_q4_1(wa, nb, xa, oa, da, ea, sa, tab):
-    return tile8(3, wa, nb, xa, oa, da, ea, sa, tab)
+    return tile8(3, True, wa, nb, xa, oa, da, ea, sa, tab)
+
+
+@njit(nogil=True, cache=True)
+def tile4_q4_1(wa, nb, xa, oa, da, ea, sa, tab):
+    return tile8(3, False, wa, nb, xa, oa, da, ea, sa, tab)
 
 
 @njit(nogil=True, cache=True)
 def tile8_q5_0(wa, nb, xa, oa, da, ea, sa, tab):
-    return tile8(6, wa, nb, xa, oa, da, ea, sa, tab)
+    return tile8(6, True, wa, nb, xa, oa, da, ea, sa, tab)
+
+
+@njit(nogil=True, cache=True)
+def tile4_q5_0(wa, nb, xa, oa, da, ea, sa, tab):
+    return tile8(6, False, wa, nb, xa, oa, da, ea, sa, tab)
 
 
 @njit(nogil=True, cache=True)
 def tile8_q8_0(wa, nb, xa, oa, da, ea, sa, tab):
-    return tile8(8, wa, nb, xa, oa, da, ea, sa, tab)
+    return tile8(8, True, wa, nb, xa, oa, da, ea, sa, tab)
+
+
+@njit(nogil=True, cache=True)
+def tile4_q8_0(wa, nb, xa, oa, da, ea, sa, tab):
+    return tile8(8, False, wa, nb, xa, oa, da, ea, sa, tab)
 
 
 @njit(nogil=True, cache=True)
@@ -701,14 +723,24 @@ def rows8(t, w, gx, go, gd, ge, out, col0, r0, r1, tab, n):
         nc = min(GROUP, n - g * GROUP)
         for r in range(r0, r1):
             wa = w.ctypes.data + r * rb
-            if t == 2:
-                v = tile8_q4_0(wa, nb, xa, oa, da, ea, sa.ctypes.data, tab.ctypes.data)
+            s_, t_ = sa.ctypes.data, tab.ctypes.data
+            if nc > 4:
+                if t == 2:
+                    v = tile8_q4_0(wa, nb, xa, oa, da, ea, s_, t_)
+                elif t == 3:
+                    v = tile8_q4_1(wa, nb, xa, oa, da, ea, s_, t_)
+                elif t == 6:
+                    v = tile8_q5_0(wa, nb, xa, oa, da, ea, s_, t_)
+                else:
+                    v = tile8_q8_0(wa, nb, xa, oa, da, ea, s_, t_)
+            elif t == 2:
+                v = tile4_q4_0(wa, nb, xa, oa, da, ea, s_, t_)
             elif t == 3:
-                v = tile8_q4_1(wa, nb, xa, oa, da, ea, sa.ctypes.data, tab.ctypes.data)
+                v = tile4_q4_1(wa, nb, xa, oa, da, ea, s_, t_)
             elif t == 6:
-                v = tile8_q5_0(wa, nb, xa, oa, da, ea, sa.ctypes.data, tab.ctypes.data)
+                v = tile4_q5_0(wa, nb, xa, oa, da, ea, s_, t_)
             else:
-                v = tile8_q8_0(wa, nb, xa, oa, da, ea, sa.ctypes.data, tab.ctypes.data)
+                v = tile4_q8_0(wa, nb, xa, oa, da, ea, s_, t_)
             for c in range(nc):
                 out[g * GROUP + c, col0 + r] = v[c]
 

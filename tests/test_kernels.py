@@ -166,13 +166,14 @@ def _both_backends(w, t, x):
     return outs
 
 
-@pytest.mark.parametrize("n", [1, 6, 13])
+@pytest.mark.parametrize("n", [1, 3, 6, 13])
 @pytest.mark.parametrize("t", TYPES, ids=NAMES)
 def test_backends_bitwise_equal(t, n):
     """Both backends follow llama.cpp's float order, so they give the same bits (odd row count:
-    the AVX2 kernel's lone last row; n = 6: one 8-column legacy tile with 2 columns repeated, or
-    one 4-column K-quant tile plus 2 single columns; n = 13: a full and a padded legacy tile, or
-    3 K-quant tiles and a single column)."""
+    the AVX2 kernel's lone last row; n = 3: the legacy tile's 4-wide form, or 3 single K-quant
+    columns; n = 6: one 8-column legacy tile with 2 columns repeated, or one 4-column K-quant
+    tile plus 2 single columns; n = 13: a full and a padded legacy tile, or 3 K-quant tiles and
+    a single column)."""
     if not fk.cpu_has_avx2():
         pytest.skip("this CPU lacks AVX2/FMA/F16C")
     rng = np.random.default_rng(100 + t + n)
