@@ -13,6 +13,7 @@ Compute side (the compute thread, in a layer's FFN):
                        than misses (a long prompt may touch every expert), the rest wait for slots
                        that computed experts give back.
   next(layer)          blocks until one of them is in memory, ready ones first -> (id, its weights).
+  ready(layer)         the same for every one of them in memory now: [(id, its weights), ...].
   done(layer, id)      its compute is over: the policy keeps it cached (evicting a colder one) or
                        frees its slot.
   finish(layer)        the layer is over (or failed): anything still pinned is let go.
@@ -164,6 +165,14 @@ class ExpertCache:
 
     def next(self, layer: int) -> tuple[int, list[np.ndarray]]:
         """The next wanted expert in memory: (id, one uint8 (rows, row_bytes) view per tensor)."""
+        return self._take(layer, everything=False)[0]
+
+    def ready(self, layer: int) -> list[tuple[int, list[np.ndarray]]]:
+        """Every wanted expert in memory and not yet handed out, as next() gives them (at least one:
+        blocks until then), so that the layer computes them in one call."""
+        return self._take(layer, everything=True)
+
+    def _take(self, layer: int, everything: bool) -> list[tuple[int, list[np.ndarray]]]:
         with self.cond:
             out = self.out[layer]
             if not out:
@@ -172,6 +181,7 @@ class ExpertCache:
             while True:
                 if self.aborted:
                     raise ExpertsAborted("expert reads aborted: the engine is closing")
+                got = []
                 for e in out:
                     s = self.index.get((layer, e))
                     if s is None:
@@ -180,9 +190,14 @@ class ExpertCache:
                     if slot.state == FAILED:
                         raise slot.error
                     if slot.state == READY:
+                        got.append((e, slot.parts))
+                        if not everything:
+                            break
+                if got:
+                    for e, _ in got:
                         out.remove(e)
-                        self._wait += time.perf_counter() - t0
-                        return e, slot.parts
+                    self._wait += time.perf_counter() - t0
+                    return got
                 self.cond.wait()
 
     def done(self, layer: int, e: int) -> None:

@@ -6,7 +6,9 @@ ranges of the layer's `*_exps` tensors, or up and down without a gate); their ou
 scaled by the weights and added largest-first. Every expert the rows of a pass picked is
 computed once for all the rows that picked it (its weights are read once), in whatever
 order the experts arrive from the ExpertSource (cached ones first, reads as they land):
-each output element is a single dot product, so the order changes nothing.
+each output element is a single dot product, so the order changes nothing. The experts in
+memory at a time go through the kernels together (matmul_many: one threaded call for all of
+their gate, up or down matrices), not one call per expert.
 
 Prediction (pre-gating): before layer i runs, layer i + 1's router applied to layer i's input
 tells which experts the next layer will probably want; the source starts reading them early.
@@ -21,7 +23,7 @@ from typing import Protocol
 
 import numpy as np
 
-from flexio_kernels import matmul, ops
+from flexio_kernels import matmul, matmul_many, ops
 from flexio_kernels.moe import route, router_logits_one, weighted_sum
 
 from .plan import ExpertPlan
@@ -34,6 +36,7 @@ class ExpertSource(Protocol):
 
     def want(self, layer: int, ids: Sequence[int]) -> None: ...
     def next(self, layer: int) -> tuple[int, list[np.ndarray]]: ...
+    def ready(self, layer: int) -> list[tuple[int, list[np.ndarray]]]: ...
     def done(self, layer: int, e: int) -> None: ...
     def finish(self, layer: int) -> None: ...
     def predict(self, layer: int, ids: Sequence[int]) -> None: ...
@@ -59,6 +62,9 @@ class ResidentExperts:
             rows = t.shape[0] // self.plan.n_expert
             parts.append(t[e * rows : (e + 1) * rows])
         return e, parts
+
+    def ready(self, layer: int) -> list[tuple[int, list[np.ndarray]]]:
+        return [self.next(layer) for _ in range(len(self.out[layer]))]
 
     def done(self, layer: int, e: int) -> None:
         pass
@@ -137,32 +143,39 @@ def moe_ffn(mw: MoEWeights, h: np.ndarray, single: np.ndarray, out: np.ndarray) 
     src = mw.experts
     src.want(mw.layer, list(users))
     try:
-        for _ in range(len(users)):
-            e, parts = src.next(mw.layer)
-            rows = users[e]
-            x = np.ascontiguousarray(h[[r for r, _ in rows]])
-            m = len(rows)
+        left = len(users)
+        while left:
+            batch = src.ready(mw.layer)  # the experts in memory now: one kernel call for all of them
+            left -= len(batch)
+            rows = [users[e] for e, _ in batch]
+            spans = np.cumsum([0] + [len(u) for u in rows])
+            x = h[[r for u in rows for r, _ in u]]  # (m, d): each expert's rows, expert after expert
+            parts = [p for _, p in batch]
             if mw.has_gate:
-                gate_w, up_w, down_w = parts
                 gate_t, up_t, down_t = mw.types
+                gate_w, up_w, down_w = zip(*parts)
             else:
-                (up_w, down_w), (up_t, down_t) = parts, mw.types
-            ff = up_w.shape[0]
+                (up_t, down_t), (up_w, down_w) = mw.types, zip(*parts)
+            m, ff = x.shape[0], up_w[0].shape[0]
             up = np.empty((m, ff), np.float32)
-            matmul(up_w, up_t, x, up, 0)
+            matmul_many(up_w, up_t, x, spans, up)
             if mw.has_gate:
                 gate = np.empty((m, ff), np.float32)
-                matmul(gate_w, gate_t, x, gate, 0)
+                matmul_many(gate_w, gate_t, x, spans, gate)
                 ops.swiglu(gate, up)
                 act = gate
             else:  # no gate tensor: silu(up), as llama.cpp (swiglu with a gate of ones: x * 1 is x)
                 act = up
                 ops.swiglu(act, np.ones_like(act))
             y = np.empty((m, d), np.float32)
-            matmul(down_w, down_t, act, y, 0)
-            src.done(mw.layer, e)
-            for j, (r, i) in enumerate(rows):
-                ys[r, i] = y[j]
+            matmul_many(down_w, down_t, act, spans, y)
+            for e, _ in batch:
+                src.done(mw.layer, e)
+            j = 0
+            for u in rows:
+                for r, i in u:
+                    ys[r, i] = y[j]
+                    j += 1
     finally:
         src.finish(mw.layer)
     weighted_sum(ys, weights, out)

@@ -28,7 +28,7 @@ only checks this file's timestamp: after editing simd.py, delete kernels/__pycac
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import carray, njit, prange
 
 from .layouts import QK, QK_K
 from .portable import (
@@ -41,7 +41,7 @@ from .simd import (
     add_i32x8, and_i8, bits32_to_bytes, dot_ss, dot_us, dot_us_k, dot_us_off, fma32, fma_f, fma_i, fma_iv,
     hsum_f32x8, hsum_i32x8, hsum_lo4, k4_mins, k4_scales, k_dup, dot_us_k2, q6_off, sub_i32x8, ld_f16, ld_f16x8, ld_f32, ld_f32x8, ld_i8x32,
     ld_nibbles16, ld_u32, mul_f32x8, or_i8, pairsum_lo4, prefetch, q6_scales, select_bit, sll_i8, splat_f32_ld, splat_tab,
-    srl_i8, tab_f32, zero_f32x8, st_i8x32, st_f32x8, st_off16, dot_us_pre, abs_i8, dot_ss_abs, fence4, zero_i32x8, k4_mins16, q6_off16,
+    srl_i8, tab_f32, zero_f32x8, st_i8x32, st_f32x8, st_off16, dot_us_pre, abs_i8, dot_ss_abs, fence4, zero_i32x8, k4_mins16, q6_off16, u8_ptr,
 )
 
 # Software prefetch distance in bytes.  Decode loops are dense in instructions (~14 per 18
@@ -784,3 +784,32 @@ def matmul_parallel(w, t, x, out, col0, tab):
     # stream for the prefetcher); get_num_threads() here would defeat cache=True
     for c in prange((nrows + ROW_CHUNK - 1) // ROW_CHUNK):
         rows(t, w, x, xq, xd, xbs, xe, gx, go, gd, ge, ks, out, col0, c * ROW_CHUNK, min(nrows, (c + 1) * ROW_CHUNK), tab)
+
+
+# Parts of a matrix per job in matmul_many: each job gathers its rows of x once (x_groups,
+# x_sums16), so a matrix is cut in a few parts, enough to keep both threads busy with 1 matrix.
+MANY_PARTS = 4
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def matmul_many(addrs, nrows, rb, t, x, spans, out, tab):
+    """Several weight matrices of one shape (nrows, rb bytes) of type t, at the addresses addrs:
+    matrix e times rows spans[e]:spans[e+1] of x -> the same rows of out[:, :nrows].  One threaded
+    loop over (matrix, part): a mixture of experts' layer in one call instead of one per expert.
+    Every output is the one `rows` gives alone."""
+    xq, xd, xbs, xs = quantize_x(t, x)
+    xe = x_extra(t, xd, xs)
+    if t == 1:  # llama.cpp rounds x to f16 for F16 weights
+        x = x.copy()
+        f16round_inplace(x)
+    part = (nrows + MANY_PARTS - 1) // MANY_PARTS
+    for job in prange(addrs.shape[0] * MANY_PARTS):
+        e = job // MANY_PARTS
+        r0 = (job - e * MANY_PARTS) * part
+        a, b = spans[e], spans[e + 1]
+        if a < b and r0 < nrows:
+            w = carray(u8_ptr(addrs[e]), (nrows, rb))
+            gx, go, gd, ge = x_groups(t, xq[a:b], xd[a:b], xe[a:b])
+            ks = x_sums16(t, xbs[a:b], b - a)
+            rows(t, w, x[a:b], xq[a:b], xd[a:b], xbs[a:b], xe[a:b], gx, go, gd, ge, ks, out[a:b], 0, r0,
+                 min(nrows, r0 + part), tab)

@@ -11,10 +11,10 @@ f16 fields are read through a 65536-entry f16 -> f32 table (Numba has no float16
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import carray, njit, prange
 
 from .actq import f16round_inplace, quantize_q8_32, quantize_q8_k
-from .simd import fma32
+from .simd import fma32, u8_ptr
 from .layouts import LAYOUTS, QK, QK_K
 
 ROW_CHUNK = 16  # rows per parallel work item
@@ -349,3 +349,24 @@ def matmul_parallel(w, t, x, out, col0, tab):
     # stream for the prefetcher); get_num_threads() here would defeat cache=True
     for c in prange((nrows + ROW_CHUNK - 1) // ROW_CHUNK):
         rows(t, w, x, xq, xd, xbs, xs, out, col0, c * ROW_CHUNK, min(nrows, (c + 1) * ROW_CHUNK), tab)
+
+
+MANY_PARTS = 4  # parts of a matrix per job in matmul_many
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def matmul_many(addrs, nrows, rb, t, x, spans, out, tab):
+    """Several weight matrices of one shape (nrows, rb bytes) of type t, at the addresses addrs:
+    matrix e times rows spans[e]:spans[e+1] of x -> the same rows of out[:, :nrows] (avx2.matmul_many)."""
+    xq, xd, xbs, xs = quantize_x(t, x)
+    if t == 1:  # llama.cpp rounds x to f16 for F16 weights
+        x = x.copy()
+        f16round_inplace(x)
+    part = (nrows + MANY_PARTS - 1) // MANY_PARTS
+    for job in prange(addrs.shape[0] * MANY_PARTS):
+        e = job // MANY_PARTS
+        r0 = (job - e * MANY_PARTS) * part
+        a, b = spans[e], spans[e + 1]
+        if a < b and r0 < nrows:
+            w = carray(u8_ptr(addrs[e]), (nrows, rb))
+            rows(t, w, x[a:b], xq[a:b], xd[a:b], xbs[a:b], xs[a:b], out[a:b], 0, r0, min(nrows, r0 + part), tab)

@@ -614,3 +614,12 @@ def q6_off16(typingctx, scv, bsaddr):
     def codegen(context, builder, sig, args):
         return builder.shl(_maddwd(builder, args[0], _load(builder, args[1], _v16i16, align=2)), ir.Constant(_v8i32, [5] * 8))
     return I32x8(I16x16, types.intp), codegen
+
+
+@intrinsic
+def u8_ptr(typingctx, addr):
+    """An integer address as a uint8 pointer, for numba.carray: a view of memory that the caller keeps
+    alive and has checked (kernels.matmul_many passes the addresses of arrays it validated)."""
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], _i8.as_pointer())
+    return types.CPointer(types.uint8)(types.intp), codegen

@@ -387,3 +387,40 @@ def test_set_backend_and_env():
     got = subprocess.run([sys.executable, "-c", "import flexio_kernels as k; print(k.backend())"],
                          env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert got == "portable"
+
+
+@pytest.mark.parametrize("t", TYPES, ids=NAMES)
+def test_matmul_many_equals_matmul(backend, t):
+    """Several matrices, each with its own rows of x (a mixture of experts' layer), in one call: every
+    output has the bits of a matmul of that matrix and those rows alone; a matrix with no rows is skipped."""
+    rng = np.random.default_rng(300 + t)
+    k = 512 if LAYOUTS[t].block_elems == 256 else 320
+    ws = [random_weights(rng, t, 37, k) for _ in range(5)]
+    spans = np.array([0, 1, 1, 4, 13, 14])  # 1, 0, 3, 9 and 1 rows
+    x = rng.standard_normal((14, k)).astype(np.float32)
+    out = np.full((14, 40), np.nan, np.float32)  # wider than the matrices: only the first 37 columns written
+    fk.matmul_many(ws, t, x, spans, out)
+    for e in range(5):
+        a, b = spans[e], spans[e + 1]
+        if a < b:
+            one = np.empty((b - a, 37), np.float32)
+            fk.matmul(ws[e], t, x[a:b], one)
+            assert np.array_equal(out[a:b, :37], one), f"matrix {e}"
+    assert np.isnan(out[:, 37:]).all()
+
+
+def test_matmul_many_refuses_bad_input():
+    rng = np.random.default_rng(9)
+    w = random_weights(rng, 2, 8, 256)
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    out = np.empty((3, 8), np.float32)
+    with pytest.raises(ValueError, match="spans"):
+        fk.matmul_many([w, w], 2, x, np.array([0, 2, 4]), out)  # ends past x's 3 rows
+    with pytest.raises(ValueError, match="spans"):
+        fk.matmul_many([w, w], 2, x, np.array([0, 3]), out)  # one span for two matrices
+    with pytest.raises(ValueError, match=r"ws\[1\]"):
+        fk.matmul_many([w, w[:4]], 2, x, np.array([0, 1, 3]), out)
+    with pytest.raises(ValueError, match="no weight"):
+        fk.matmul_many([], 2, x, np.array([0]), out)
+    with pytest.raises(ValueError, match="k = 256"):
+        fk.matmul_many([w], 8, x, np.array([0, 3]), out)  # Q4_0 rows read as Q8_0
