@@ -32,12 +32,14 @@ def cpu_steal_seconds() -> float:
 
 
 async def measure(model: str, prompt: str, n: int, threads: int, mode: str, budget: str | None,
-                  expert_policy: str = "lfu", n_ctx: int = 256) -> dict:
+                  expert_policy: str = "lfu", n_ctx: int = 256, warmup: int = 0) -> dict:
     from flexio.engine import Engine
     from flexio.generate_cmd import experts_json
 
     async with Engine(model, threads=threads, mode=mode, budget=budget, expert_policy=expert_policy, n_ctx=n_ctx) as e:
         ids = e.prompt_tokens(prompt)
+        if warmup:  # a generation before the measured one: a mixture of experts' cache holds what decode uses
+            _ = [t async for t in e.generate_tokens(ids, warmup, ignore_eos=True)]
         steal0 = ex0 = None
         async for _tok in e.generate_tokens(ids, n, ignore_eos=True):
             if steal0 is None:  # the first token comes from the prompt pass: decode starts now
@@ -73,9 +75,10 @@ def main() -> None:
     p.add_argument("--budget", default=None)
     p.add_argument("--expert-policy", default="lfu", choices=EXPERT_POLICIES)
     p.add_argument("--ctx", type=int, default=256, help="context (the KV cache beside the budget; llama.cpp's point uses 256)")
+    p.add_argument("--warmup", type=int, default=0, help="tokens generated (same prompt) before the measured run")
     a = p.parse_args()
     t0 = time.perf_counter()
-    out = asyncio.run(measure(a.model, a.prompt, a.n, a.threads, a.mode, a.budget, a.expert_policy, a.ctx))
+    out = asyncio.run(measure(a.model, a.prompt, a.n, a.threads, a.mode, a.budget, a.expert_policy, a.ctx, a.warmup))
     out["wall_s"] = round(time.perf_counter() - t0, 2)
     print(json.dumps(out), flush=True)
 

@@ -74,6 +74,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--decode-tokens", type=int, default=8, help="tokens decoded per point (default: %(default)s)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="compute threads (default: all cores)")
     p.add_argument("--reps", type=int, default=1, help="runs of every point, interleaved; lines give medians")
+    p.add_argument("--warmup", type=int, default=0,
+                   help="tokens each point generates before the measured run (a mixture of experts' cache, or "
+                        "llama.cpp's page cache, then holds what decode uses: the steady state of a server; "
+                        "default: %(default)s, a cold start)")
     p.add_argument("--overhead", default=str(OVERHEAD), help="memory added to the budget for the cgroup limit")
     p.add_argument("--no-cgroup", action="store_true", help="do not confine the children in a memory cgroup")
     p.add_argument("--llama-cpp", action="store_true", help="also run llama.cpp (mmap) in the same cgroup limit")
@@ -257,6 +261,7 @@ def run(args: argparse.Namespace) -> int:
     use_cg = why is None
     root = os.geteuid() == 0
     header = {"model": path, "model_bytes": total, "threads": args.threads, "decode_tokens": args.decode_tokens,
+              "warmup_tokens": args.warmup,
               "cold": root, "cgroup": use_cg, "cgroup_overhead_bytes": overhead if use_cg else None}
     if not use_cg:
         header["cgroup_skipped"] = why
@@ -265,7 +270,8 @@ def run(args: argparse.Namespace) -> int:
     shared = _disk_ceiling(path, args.threads)
     header.update(shared, reps=args.reps)
     gen = [sys.executable, "-m", "flexio_bench.point", "--model", path, "--prompt", PROMPT,
-           "-n", str(args.decode_tokens), "--threads", str(args.threads), "--expert-policy", args.expert_policy]
+           "-n", str(args.decode_tokens), "--threads", str(args.threads), "--expert-policy", args.expert_policy,
+           "--warmup", str(args.warmup)]
     # in-memory compute time per token, warm (the compute side of the bound): best of two
     mems = [_child(gen + ["--mode", "memory"], None, args.timeout) for _ in range(2)]
     mem_tok_s = max((m.get("decode_tok_s") or 0.0 for m in mems), default=0.0)
@@ -417,6 +423,8 @@ def _llama_cpp_point(path: str, args, limit: int | None) -> dict:
         f"llm=llama_cpp.Llama({path!r},n_threads={args.threads},n_ctx=256,verbose=False)\n"
         f"toks=llm.tokenize({PROMPT!r}.encode(),add_bos=False)\n"
         "llm.eval(toks)\n"
+        f"for _ in range({args.warmup}):\n"  # --warmup: decode passes before the measured ones
+        "    llm.eval(toks[-1:])\n"
         "t0=time.perf_counter()\n"
         f"for _ in range({args.decode_tokens - 1}):\n"
         "    llm.eval(toks[-1:])  # the time of a pass does not depend on which token it is\n"

@@ -62,11 +62,12 @@ def test_header_ceiling(tiny, monkeypatch, with_fio):
 @pytest.mark.slow  # a dozen child processes, each loading the kernels: ~1 min on 2 cores
 def test_sweep_lines_and_plot(tiny, tmp_path, capsys):
     png = tmp_path / "sweep.png"
-    assert main(["bench-sweep", tiny, "--budgets", "30%", "--modes", "flexinfer,mmap", "-n", "3",
+    assert main(["bench-sweep", tiny, "--budgets", "30%", "--modes", "flexinfer,mmap", "-n", "3", "--warmup", "2",
                  "--reps", "2", "--no-cgroup", "--threads", "1", "--out", str(png)]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     header = lines[0]["header"]
     assert header["reps"] == 2 and header["memory_decode_tok_s"] > 0 and header["disk_bps_raw_io_uring"] > 0
+    assert header["warmup_tokens"] == 2
     assert header["disk_bps_cpus_busy"] > 0 and header["disk_busy_vs_idle"] > 0
     assert isinstance(header["steal_s_per_gb_while_reading"], float)
     runs = [x for x in lines if x.get("run")]
