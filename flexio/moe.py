@@ -122,7 +122,8 @@ def predict(mw: MoEWeights, x: np.ndarray, eps: float) -> None:
 def _predict(mw: MoEWeights, layer: int, router: np.ndarray, norm: np.ndarray, x: np.ndarray, eps: float) -> None:
     h = np.empty_like(x)
     ops.rmsnorm(x, norm, eps, h)
-    logits = h @ router.T
+    logits = np.empty((x.shape[0], router.shape[0]), np.float32)
+    matmul(router.view(np.uint8), F32, h, logits, 0)  # the kernels' own threads (numpy's BLAS has another pool)
     best = np.argsort(-logits, axis=1, kind="stable")[:, : mw.n_used]  # each row's k likeliest, best first
     mw.experts.predict(layer, list(dict.fromkeys(best.T.reshape(-1).tolist())))  # rank by rank over the rows
 

@@ -85,10 +85,14 @@ class StageStream:
         self.n_stages = len(plan.stages)
         self._bufs: list[ArenaBuffer] = []
         self._load_resident()
-        self.slots = arena.carve(max(plan.slot_bytes, 4096), self.window, tag="slot") if plan.streams else []
-        self._bufs += self.slots
         # (stage, slot) -> weights view, and each stage's reads: (file offset, nbytes, slot offset)
         self._reads = [stage_reads(s) for s in plan.stages]
+        # no slots (and no pump) when no stage streams a byte, e.g. a mixture of experts whose budget holds
+        # every dense tensor (its experts come through the expert cache): a stage is then always there, and
+        # handing each one to the event loop and back would cost a thread switch per layer for nothing
+        streams = plan.streams and any(self._reads)
+        self.slots = arena.carve(max(plan.slot_bytes, 4096), self.window, tag="slot") if streams else []
+        self._bufs += self.slots
         self._cond = threading.Condition()
         self.loaded = 0
         self.consumed = 0

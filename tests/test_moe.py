@@ -15,6 +15,7 @@ from flexio.engine import Engine
 from flexio.errors import FlexioError, GGUFError
 from flexio.gguf import open_gguf
 from flexio.plan import plan_budget
+from flexio.prefetch import stage_reads
 from flexio_bench.synth import synthesize
 
 PROMPTS = {"tiny-mixtral": [1, 415, 5565, 302, 4843, 349], "tiny-qwen3moe": [785, 6722, 315, 9625, 374]}
@@ -61,6 +62,23 @@ def test_every_mode_gives_the_same_tokens(models, in_memory, like, mode, budget)
     assert got == in_memory[like]
 
 
+def test_no_stage_slots_when_only_experts_stream(models, in_memory):
+    """At 70 % every dense tensor is resident and only experts are read: the stage stream has no slots and
+    no pump (no hand-off to the event loop per layer), and the tokens are memory mode's."""
+    like = "tiny-qwen3moe"
+    assert not any(stage_reads(s) for s in plan_budget(open_gguf(models[like]), "70%").stages)
+
+    async def run(budget):
+        async with Engine(models[like], threads=2, n_ctx=256, budget=budget) as e:
+            got = [t async for t in e.generate_tokens(PROMPTS[like], N, ignore_eos=True)]
+            return got, len(e.stream.slots), e.plan.window, e.expert_statistics().wanted
+
+    got, slots, _, wanted = asyncio.run(run("70%"))
+    assert got == in_memory[like] and slots == 0 and wanted > 0
+    got, slots, window, _ = asyncio.run(run("30%"))  # attention streamed too
+    assert got == in_memory[like] and slots == window
+
+
 def test_the_expert_plan_spreads_the_cache_over_the_layers(models):
     gf = open_gguf(models["tiny-qwen3moe"])
     p = plan_budget(gf, "85%", policy="ffn")
@@ -81,7 +99,6 @@ def test_the_sweep_reads_the_expected_expert_misses(models):
     many experts as it expects to miss (each tensor's slice, DIRECT_ALIGN-aligned, inside the file)."""
     import math
 
-    from flexio.prefetch import stage_reads
     from flexio_bench.sweep import expert_reads, plan_reads
 
     gf = open_gguf(models["tiny-qwen3moe"])
