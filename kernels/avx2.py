@@ -17,9 +17,11 @@ What it took to approach the memory-read ceiling on this Zen 3 (no VNNI), each m
 
 Decode (one column) reads two weight rows per iteration (legacy types, F32/F16), one accumulator
 each: two independent FMA chains without changing any row's order.
-Prefill (n > 1) takes the columns 4 at a time: each weight block is unpacked once and
-dotted with 4 activation rows (a 1 x 4 register tile; the row is re-read from L1 for the
-next 4 columns).
+Several columns (prefill, batched decode) go through register tiles: 1 x 8 columns for the
+legacy types (tile8; 3-4 columns take its 4-wide form), 1 x 4 for the K-quants (tile4_k); each
+weight block is unpacked once for the tile's columns, and every column keeps the one-column
+arithmetic, so it has the same bits alone or in a batch.  matmul_many runs several matrices
+of one shape (a mixture of experts' layer) in one threaded call.
 
 All functions are module-level @njit(cache=True) so the on-disk cache works.  Numba's cache
 only checks this file's timestamp: after editing simd.py, delete kernels/__pycache__/*.nb[ci].
