@@ -2,7 +2,7 @@
 
 Importing flexio points Numba's on-disk kernel cache at flexio's user cache
 (`<cache>/numba`, `$FLEXIO_CACHE` or `~/.cache/flexio`) unless NUMBA_CACHE_DIR is set:
-the kernels compile once (about a minute) and every later process loads them in
+the kernels compile once (a minute or two) and every later process loads them in
 about a second, also when the installed package's own directory is not writable.
 """
 

@@ -228,7 +228,7 @@ class Engine:
         try:
             await self._step("model", f"reading {os.path.basename(path)}", self._open_model, path)
             types = {t.ggml_type for t in self.gguf.tensors if len(t.shape) > 1}
-            await self._step("kernels", "loading kernels (the first run compiles them: about a minute)",
+            await self._step("kernels", "loading kernels (the first run compiles them: a minute or two)",
                              warmup_kernels, types, self.config)
             if self.cost is None and self.policy == "auto" and self.mode.policy is None and self.mode.reads:
                 await self._step("calibrate", "measuring this disk and the kernels (once per disk)", self._calibrate)

@@ -38,7 +38,7 @@ class Status:
     for any step still running after a second.
 
     A step that took longer than a second is reported when it ends, with its time: the first run
-    compiles the kernels (about a minute, then cached on disk) and must not look like a hang.
+    compiles the kernels (a minute or two, then cached on disk) and must not look like a hang.
     """
 
     def __init__(self) -> None:

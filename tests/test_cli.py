@@ -145,7 +145,7 @@ def test_without_ignore_eos_the_chat_reply_ends(smollm2_path, capsys):
     assert out["stop_reason"] == "eos" and out["generated_tokens"] < 40, out
 
 
-@pytest.mark.slow  # compiles every kernel from scratch: about a minute on 2 cores
+@pytest.mark.slow  # compiles every kernel from scratch: a minute or two on 2 cores
 def test_first_run_says_it_is_compiling(smollm2_path, tmp_path):
     """With an empty kernel cache the wait is announced on stderr, and the kernels are cached where the
     next run finds them (the flexio cache, not the package's directory)."""
