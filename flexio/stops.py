@@ -25,13 +25,31 @@ class StopBuffer:
         if not self.stops:
             return text
         buf = self.held + text
-        at = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
+        at = self._first(buf)
         if at >= 0:
-            self.stopped, self.held = True, ""
-            return buf[:at]
+            # a longer stop string that starts before this one may still complete with the next piece
+            # (stops "b" and "aba", text "ab" then "a": the stop is at 0, not 1): hold back from there
+            p = self._open_before(buf, at)
+            if p < 0:
+                self.stopped, self.held = True, ""
+                return buf[:at]
+            self.held = buf[p:]
+            return buf[:p]
         keep = self._partial(buf)
         self.held = buf[len(buf) - keep:]
         return buf[:len(buf) - keep]
+
+    def _first(self, buf: str) -> int:
+        """Where the earliest whole stop string in buf starts (-1: none)."""
+        return min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
+
+    def _open_before(self, buf: str, at: int) -> int:
+        """The earliest p < at where buf[p:] is a proper prefix of a stop string (-1: none)."""
+        for p in range(max(0, len(buf) - max(len(s) for s in self.stops) + 1), at):
+            tail = buf[p:]
+            if any(len(s) > len(tail) and s.startswith(tail) for s in self.stops):
+                return p
+        return -1
 
     def _partial(self, buf: str) -> int:
         """The length of the longest suffix of buf that is a proper prefix of a stop string."""
@@ -43,6 +61,13 @@ class StopBuffer:
         return 0
 
     def flush(self) -> str:
-        """The text ended without a stop string: what was held back is text after all."""
+        """The text ended: what was held back is text after all, up to a stop string it holds (one that
+        waited on a longer, earlier one that did not complete; `stopped` is then set)."""
         out, self.held = self.held, ""
-        return "" if self.stopped else out
+        if self.stopped:
+            return ""
+        at = self._first(out) if self.stops else -1
+        if at >= 0:
+            self.stopped = True
+            return out[:at]
+        return out

@@ -37,6 +37,13 @@ def test_the_earliest_of_several_stops_wins_and_nothing_follows():
     assert buf.stopped and buf.push("more") == "" and buf.flush() == ""
 
 
+def test_a_longer_stop_that_starts_earlier_is_waited_for():
+    """Stops "b" and "aba": after "ab" the stop "b" is whole, but "aba" may still start at 0."""
+    assert run(["ab", "a"], ["b", "aba"]) == (["", ""], True)  # it did: nothing before it
+    assert run(["ab", "c"], ["b", "aba"]) == (["", "a"], True)  # it did not: "b" at 1 stands
+    assert run(["ab"], ["b", "aba"]) == (["", "a"], True)  # the text ended there: "b" stands, flush says so
+
+
 def test_no_stops_and_empty_stops_pass_text_through():
     assert run(["a", "b"], [])[0] == ["a", "b", ""]
     assert run(["a", "b"], [""])[0] == ["a", "b", ""]
