@@ -22,6 +22,7 @@ import platform
 import statistics
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 
 from flexio.fetch import DEFAULT_MODEL, model_path
 
@@ -61,10 +62,11 @@ def _llama_cpp_run(llm, llama_cpp, tokens: list[int], n: int) -> tuple[float, fl
     return len(tokens) / (t1 - t0), (n - 1) / (t2 - t1) if n > 1 else 0.0
 
 
-def _llama(llama_cpp, path: str, args: argparse.Namespace, repack: bool):
-    """A llama_cpp.Llama on path; repack=False turns its CPU weight repacking off (the
-    use_extra_bufts model parameter, which llama-cpp-python does not expose: its defaults
-    function is wrapped while the model loads)."""
+@contextmanager
+def repacking_off():
+    """llama.cpp's CPU weight repacking (the use_extra_bufts model parameter, which llama-cpp-python does not
+    expose) off for the models loaded inside: its defaults function is wrapped meanwhile."""
+    import llama_cpp
     import llama_cpp.llama_cpp as low
 
     defaults = low.llama_model_default_params
@@ -74,13 +76,18 @@ def _llama(llama_cpp, path: str, args: argparse.Namespace, repack: bool):
         p.use_extra_bufts = False
         return p
 
-    if not repack:
-        low.llama_model_default_params = llama_cpp.llama_model_default_params = params
+    low.llama_model_default_params = llama_cpp.llama_model_default_params = params
     try:
-        return llama_cpp.Llama(path, n_threads=args.threads, n_threads_batch=args.threads, n_ctx=args.ctx,
-                               n_batch=512, logits_all=False, verbose=False)
+        yield
     finally:
         low.llama_model_default_params = llama_cpp.llama_model_default_params = defaults
+
+
+def _llama(llama_cpp, path: str, args: argparse.Namespace, repack: bool):
+    """A llama_cpp.Llama on path; repack=False turns its CPU weight repacking off."""
+    with nullcontext() if repack else repacking_off():
+        return llama_cpp.Llama(path, n_threads=args.threads, n_threads_batch=args.threads, n_ctx=args.ctx,
+                               n_batch=512, logits_all=False, verbose=False)
 
 
 async def _bench(args: argparse.Namespace) -> dict:

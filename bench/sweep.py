@@ -413,14 +413,11 @@ def _llama_cpp_point(path: str, args, limit: int | None) -> dict:
     weights into anonymous memory at load, which is not the mmap baseline and is OOM-killed under
     a limit below the model size."""
     code = (
-        "import json,sys,time,llama_cpp,llama_cpp.llama_cpp as low\n"
+        "import json,sys,time,llama_cpp\n"
+        "from flexio_bench.peer import repacking_off\n"
         # no CPU_REPACK copies of Q4_0/Q4_K weights: they would live in anonymous memory, not the page cache
-        "_defaults=low.llama_model_default_params\n"
-        "def _params():\n"
-        "    p=_defaults(); p.use_extra_bufts=False; return p\n"
-        "low.llama_model_default_params=_params\n"
-        "llama_cpp.llama_model_default_params=_params\n"
-        f"llm=llama_cpp.Llama({path!r},n_threads={args.threads},n_ctx=256,verbose=False)\n"
+        "with repacking_off():\n"
+        f"    llm=llama_cpp.Llama({path!r},n_threads={args.threads},n_ctx=256,verbose=False)\n"
         f"toks=llm.tokenize({PROMPT!r}.encode(),add_bos=False)\n"
         "llm.eval(toks)\n"
         f"for _ in range({args.warmup}):\n"  # --warmup: decode passes before the measured ones

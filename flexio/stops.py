@@ -15,7 +15,7 @@ from collections.abc import Iterable
 class StopBuffer:
     def __init__(self, stops: Iterable[str] = ()):
         self.stops = tuple(s for s in stops if s)  # an empty stop string would end every text at once
-        self.held = ""  # the tail that is a prefix of some stop string
+        self.held = ""  # the tail that may still start a stop string
         self.stopped = False
 
     def push(self, text: str) -> str:
@@ -26,39 +26,28 @@ class StopBuffer:
             return text
         buf = self.held + text
         at = self._first(buf)
-        if at >= 0:
-            # a longer stop string that starts before this one may still complete with the next piece
-            # (stops "b" and "aba", text "ab" then "a": the stop is at 0, not 1): hold back from there
-            p = self._open_before(buf, at)
-            if p < 0:
-                self.stopped, self.held = True, ""
-                return buf[:at]
-            self.held = buf[p:]
-            return buf[:p]
-        keep = self._partial(buf)
-        self.held = buf[len(buf) - keep:]
-        return buf[:len(buf) - keep]
+        # the tail that may still become a stop string is held back for the next piece; before a whole stop
+        # string, so is the start of a longer one that may still complete (stops "b" and "aba", text "ab"
+        # then "a": the stop is at 0, not 1)
+        p = self._open(buf, at if at >= 0 else len(buf))
+        if at >= 0 and p < 0:
+            self.stopped, self.held = True, ""
+            return buf[:at]
+        cut = p if p >= 0 else len(buf)
+        self.held = buf[cut:]
+        return buf[:cut]
 
     def _first(self, buf: str) -> int:
         """Where the earliest whole stop string in buf starts (-1: none)."""
         return min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
 
-    def _open_before(self, buf: str, at: int) -> int:
-        """The earliest p < at where buf[p:] is a proper prefix of a stop string (-1: none)."""
-        for p in range(max(0, len(buf) - max(len(s) for s in self.stops) + 1), at):
+    def _open(self, buf: str, before: int) -> int:
+        """The earliest p < before where buf[p:] is a proper prefix of a stop string (-1: none)."""
+        for p in range(max(0, len(buf) - max(len(s) for s in self.stops) + 1), before):
             tail = buf[p:]
             if any(len(s) > len(tail) and s.startswith(tail) for s in self.stops):
                 return p
         return -1
-
-    def _partial(self, buf: str) -> int:
-        """The length of the longest suffix of buf that is a proper prefix of a stop string."""
-        longest = min(max(len(s) for s in self.stops) - 1, len(buf))
-        for k in range(longest, 0, -1):
-            tail = buf[-k:]
-            if any(s.startswith(tail) for s in self.stops):
-                return k
-        return 0
 
     def flush(self) -> str:
         """The text ended: what was held back is text after all, up to a stop string it holds (one that
@@ -66,7 +55,7 @@ class StopBuffer:
         out, self.held = self.held, ""
         if self.stopped:
             return ""
-        at = self._first(out) if self.stops else -1
+        at = self._first(out)
         if at >= 0:
             self.stopped = True
             return out[:at]

@@ -43,7 +43,7 @@ from .simd import (
     add_i32x8, and_i8, bits32_to_bytes, dot_ss, dot_us, dot_us_k, dot_us_off, fma32, fma_f, fma_i, fma_iv,
     hsum_f32x8, hsum_i32x8, hsum_lo4, k4_mins, k4_scales, k_dup, dot_us_k2, q6_off, sub_i32x8, ld_f16, ld_f16x8, ld_f32, ld_f32x8, ld_i8x32,
     ld_nibbles16, ld_u32, mul_f32x8, or_i8, pairsum_lo4, prefetch, q6_scales, select_bit, sll_i8, splat_f32_ld, splat_tab,
-    srl_i8, tab_f32, zero_f32x8, st_i8x32, st_f32x8, st_off16, dot_us_pre, abs_i8, dot_ss_abs, fence4, zero_i32x8, k4_mins16, q6_off16, u8_ptr,
+    srl_i8, tab_f32, zero_f32x8, st_vec, st_off16, dot_us_pre, abs_i8, dot_ss_abs, fence4, zero_i32x8, k4_mins16, q6_off16, u8_ptr,
 )
 
 # Software prefetch distance in bytes.  Decode loops are dense in instructions (~14 per 18
@@ -600,7 +600,7 @@ def x_groups(t, xq, xd, xe):
             src = xq.ctypes.data + j * k
             for b in range(nb):
                 dst = gx.ctypes.data + ((g * nb + b) * GROUP + c) * QK
-                st_i8x32(dst, ld_i8x32(src + b * QK))
+                st_vec(dst, ld_i8x32(src + b * QK))
                 gd[g, b, c] = xd[j, b]
                 if t == 2 or t == 6:
                     st_off16(go.ctypes.data + ((g * nb + b) * GROUP + c) * QK, dst, off)
@@ -649,7 +649,7 @@ def tile8(t, wide, wa, nb, xa, oa, da, ea, sa, tab):
             u = ld_i8x32(o + Q8_0_QS)
             dw = splat_tab(tab, o + Q8_0_D)
         aw = abs_i8(u)  # Q8_0's |w|; dead code for the others
-        st_f32x8(sa, mul_f32x8(dw, ld_f32x8(da + 32 * b)))
+        st_vec(sa, mul_f32x8(dw, ld_f32x8(da + 32 * b)))
         xo = xa + b * GROUP * QK
         oo = oa + b * GROUP * QK
         a0 = col8(t, a0, u, aw, xo, oo, sa)
@@ -662,7 +662,7 @@ def tile8(t, wide, wa, nb, xa, oa, da, ea, sa, tab):
             a6 = col8(t, a6, u, aw, xo + 6 * QK, oo + 6 * QK, sa + 24)
             a7 = col8(t, a7, u, aw, xo + 7 * QK, oo + 7 * QK, sa + 28)
     if t == 3:
-        st_f32x8(sa + 32, m)
+        st_vec(sa + 32, m)
         return (hsum_f32x8(a0) + ld_f32(sa + 32), hsum_f32x8(a1) + ld_f32(sa + 36), hsum_f32x8(a2) + ld_f32(sa + 40),
                 hsum_f32x8(a3) + ld_f32(sa + 44), hsum_f32x8(a4) + ld_f32(sa + 48), hsum_f32x8(a5) + ld_f32(sa + 52),
                 hsum_f32x8(a6) + ld_f32(sa + 56), hsum_f32x8(a7) + ld_f32(sa + 60))

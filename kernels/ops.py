@@ -24,7 +24,7 @@ from numba.core import types
 from numba.extending import intrinsic
 
 from .simd import fma32 as fmaf  # a * b + c rounded once (llvm.fma.f32)
-from .simd import fma_f, hsum_f32x8, ld_f32x8, st_f32x8, zero_f32x8  # 8-lane float32 vectors (plain LLVM IR, any CPU)
+from .simd import fma_f, hsum_f32x8, ld_f32x8, st_vec, zero_f32x8  # 8-lane float32 vectors (plain LLVM IR, any CPU)
 
 
 F16_TO_F32 = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)  # (65536,)
@@ -290,7 +290,7 @@ def _attend_one(i, g, lo, T, P0, k32, v32, q, n_heads, group, hd, scale, tile, s
     base = lo - lo % 8  # softmax sums cells 8 at a time from cell 0: chunks stay aligned to absolute positions
     L = T - lo
     kb = lo - P0  # row of position lo in k32 / v32
-    lanes = 8 if tile else 32
+    lanes = A.shape[0]  # 8 if tile else 32
     main = hd - hd % lanes
     for hq in range(g * group, (g + 1) * group):
         qo = hq * hd
@@ -308,7 +308,7 @@ def _attend_one(i, g, lo, T, P0, k32, v32, q, n_heads, group, hd, scale, tile, s
                 for d0 in range(0, main, 8):
                     a8 = fma_f(a8, ld_f32x8(ka + 4 * d0), ld_f32x8(qa + 4 * d0))
                 if main < hd:
-                    st_f32x8(acc.ctypes.data, a8)
+                    st_vec(acc.ctypes.data, a8)
                     for d in range(main, hd):
                         acc[d % 8] = fmaf(k32[kb + t, d], qh[d], acc[d % 8])
                     v = hsum8(acc, 0)
@@ -321,10 +321,10 @@ def _attend_one(i, g, lo, T, P0, k32, v32, q, n_heads, group, hd, scale, tile, s
                     a1 = fma_f(a1, ld_f32x8(ka + 4 * d0 + 32), ld_f32x8(qa + 4 * d0 + 32))
                     a2 = fma_f(a2, ld_f32x8(ka + 4 * d0 + 64), ld_f32x8(qa + 4 * d0 + 64))
                     a3 = fma_f(a3, ld_f32x8(ka + 4 * d0 + 96), ld_f32x8(qa + 4 * d0 + 96))
-                st_f32x8(acc.ctypes.data, a0)
-                st_f32x8(acc.ctypes.data + 32, a1)
-                st_f32x8(acc.ctypes.data + 64, a2)
-                st_f32x8(acc.ctypes.data + 96, a3)
+                st_vec(acc.ctypes.data, a0)
+                st_vec(acc.ctypes.data + 32, a1)
+                st_vec(acc.ctypes.data + 64, a2)
+                st_vec(acc.ctypes.data + 96, a3)
                 tot = np.float64(reduce_4x8(acc))
                 for d in range(main, hd):
                     tot += np.float64(k32[kb + t, d] * qh[d])

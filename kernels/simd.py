@@ -81,6 +81,27 @@ def _maddwd(builder, a, b):  # (16 x i16, 16 x i16) -> 8 x i32 pair sums
     return builder.call(_fn(builder, "llvm.x86.avx2.pmadd.wd", _v8i32, [_v16i16, _v16i16]), [a, b])
 
 
+def _madd1(builder, p):  # 16 x i16 -> 8 x i32: vpmaddwd with ones, lane l = p[2l] + p[2l+1]
+    return _maddwd(builder, p, ir.Constant(_v16i16, [1] * 16))
+
+
+def _byte_splat(context, builder, val, ty):  # an integer argument in all 32 bytes
+    return _splat(builder, builder.trunc(_as(context, builder, val, ty, types.int64), _i8), _v32i8)
+
+
+def _off16(context, builder, off, ty, x):  # off * (x[2i] + x[2i+1]): the activation half of an offset dot
+    return _maddubs(builder, _byte_splat(context, builder, off, ty), x)
+
+
+def _abs8(builder, v):  # |v| per byte (vpabsb)
+    return builder.call(_fn(builder, "llvm.abs.v32i8", _v32i8, [_v32i8, ir.IntType(1)]), [v, ir.Constant(ir.IntType(1), 0)])
+
+
+def _sign_dot(builder, absw, w, x):  # signed w . signed x (|x| <= 127) -> 8 x i32: |w| . sign(x, w)
+    sx = builder.call(_fn(builder, "llvm.x86.avx2.psign.b", _v32i8, [_v32i8, _v32i8]), [x, w])
+    return _madd1(builder, _maddubs(builder, absw, sx))
+
+
 # ---- loads ----
 
 @intrinsic
@@ -152,7 +173,7 @@ def prefetch(typingctx, addr):
 def and_i8(typingctx, v, mask):
     """v & mask (mask an integer splat to every byte)."""
     def codegen(context, builder, sig, args):
-        m = _splat(builder, builder.trunc(_as(context, builder, args[1], sig.args[1], types.int64), _i8), _v32i8)
+        m = _byte_splat(context, builder, args[1], sig.args[1])
         return builder.and_(args[0], m)
     return I8x32(I8x32, types.int64), codegen
 
@@ -190,7 +211,7 @@ def bits32_to_bytes(typingctx, bits, value):
     def codegen(context, builder, sig, args):
         b = builder.trunc(_as(context, builder, args[0], sig.args[0], types.int64), _i32)
         mask = builder.bitcast(b, ir.VectorType(ir.IntType(1), 32))
-        val = _splat(builder, builder.trunc(_as(context, builder, args[1], sig.args[1], types.int64), _i8), _v32i8)
+        val = _byte_splat(context, builder, args[1], sig.args[1])
         return builder.select(mask, val, ir.Constant(_v32i8, None))
     return I8x32(types.int64, types.int64), codegen
 
@@ -199,8 +220,8 @@ def bits32_to_bytes(typingctx, bits, value):
 def select_bit(typingctx, v, mask, value):
     """Per byte: `value` where v & mask != 0, else 0 (Q5_K's fifth bits)."""
     def codegen(context, builder, sig, args):
-        m = _splat(builder, builder.trunc(_as(context, builder, args[1], sig.args[1], types.int64), _i8), _v32i8)
-        val = _splat(builder, builder.trunc(_as(context, builder, args[2], sig.args[2], types.int64), _i8), _v32i8)
+        m = _byte_splat(context, builder, args[1], sig.args[1])
+        val = _byte_splat(context, builder, args[2], sig.args[2])
         set_ = builder.icmp_unsigned("!=", builder.and_(args[0], m), ir.Constant(_v32i8, None))
         return builder.select(set_, val, ir.Constant(_v32i8, None))
     return I8x32(I8x32, types.int64, types.int64), codegen
@@ -213,7 +234,7 @@ def dot_us(typingctx, u, xaddr):
     """32 unsigned weight bytes (< 128) . 32 int8 activations at xaddr -> 8 x i32 partial sums."""
     def codegen(context, builder, sig, args):
         p = _maddubs(builder, args[0], _load(builder, args[1], _v32i8))
-        return _maddwd(builder, p, ir.Constant(_v16i16, [1] * 16))
+        return _madd1(builder, p)
     return I32x8(I8x32, types.intp), codegen
 
 
@@ -222,10 +243,7 @@ def dot_ss(typingctx, s8, xaddr):
     """32 signed weight bytes . 32 int8 activations (|x| <= 127) -> 8 x i32: |w| . sign(x, w)."""
     def codegen(context, builder, sig, args):
         w = args[0]
-        x = _load(builder, args[1], _v32i8)
-        absw = builder.call(_fn(builder, "llvm.abs.v32i8", _v32i8, [_v32i8, ir.IntType(1)]), [w, ir.Constant(ir.IntType(1), 0)])
-        sx = builder.call(_fn(builder, "llvm.x86.avx2.psign.b", _v32i8, [_v32i8, _v32i8]), [x, w])
-        return _maddwd(builder, _maddubs(builder, absw, sx), ir.Constant(_v16i16, [1] * 16))
+        return _sign_dot(builder, _abs8(builder, w), w, _load(builder, args[1], _v32i8))
     return I32x8(I8x32, types.intp), codegen
 
 
@@ -430,9 +448,7 @@ def dot_us_off(typingctx, u, xaddr, off):
     (|.| < 2^15 for u < 32), then vpmaddwd with ones."""
     def codegen(context, builder, sig, args):
         x = _load(builder, args[1], _v32i8)
-        o = _splat(builder, builder.trunc(_as(context, builder, args[2], sig.args[2], types.int64), _i8), _v32i8)
-        p = builder.sub(_maddubs(builder, args[0], x), _maddubs(builder, o, x))
-        return _maddwd(builder, p, ir.Constant(_v16i16, [1] * 16))
+        return _madd1(builder, builder.sub(_maddubs(builder, args[0], x), _off16(context, builder, args[2], sig.args[2], x)))
     return I32x8(I8x32, types.intp, types.int64), codegen
 
 
@@ -517,21 +533,15 @@ def sub_i32x8(typingctx, a, b):
 # ---- several activation columns against one weight block (avx2.tile8) ----
 
 @intrinsic
-def st_i8x32(typingctx, addr, v):
-    """Store 32 bytes at addr."""
-    def codegen(context, builder, sig, args):
-        builder.store(args[1], _ptr(builder, args[0], _v32i8), align=1)
-        return context.get_dummy_value()
-    return types.none(types.intp, I8x32), codegen
+def st_vec(typingctx, addr, v):
+    """Store the vector v (any of I8x32, I32x8, F32x8, ...) at addr (unaligned)."""
+    if not isinstance(v, Vec):
+        return None
 
-
-@intrinsic
-def st_f32x8(typingctx, addr, v):
-    """Store 8 float32 at addr."""
     def codegen(context, builder, sig, args):
-        builder.store(args[1], _ptr(builder, args[0], _v8f32), align=4)
+        builder.store(args[1], _ptr(builder, args[0], args[1].type), align=1)
         return context.get_dummy_value()
-    return types.none(types.intp, F32x8), codegen
+    return types.none(types.intp, v), codegen
 
 
 @intrinsic
@@ -539,8 +549,8 @@ def st_off16(typingctx, addr, xaddr, off):
     """Store at addr the 16 x i16 pair sums off * (x[2i] + x[2i+1]) of the 32 int8 x at xaddr:
     the activation half of dot_us_off, which depends on x alone, computed once per column."""
     def codegen(context, builder, sig, args):
-        o = _splat(builder, builder.trunc(_as(context, builder, args[2], sig.args[2], types.int64), _i8), _v32i8)
-        builder.store(_maddubs(builder, o, _load(builder, args[1], _v32i8)), _ptr(builder, args[0], _v16i16), align=1)
+        off = _off16(context, builder, args[2], sig.args[2], _load(builder, args[1], _v32i8))
+        builder.store(off, _ptr(builder, args[0], _v16i16), align=1)
         return context.get_dummy_value()
     return types.none(types.intp, types.intp, off), codegen
 
@@ -551,15 +561,14 @@ def dot_us_pre(typingctx, u, xaddr, oaddr):
     then vpmaddwd with ones.  The same integers, one vpmaddubsw fewer per column."""
     def codegen(context, builder, sig, args):
         p = builder.sub(_maddubs(builder, args[0], _load(builder, args[1], _v32i8)), _load(builder, args[2], _v16i16))
-        return _maddwd(builder, p, ir.Constant(_v16i16, [1] * 16))
+        return _madd1(builder, p)
     return I32x8(I8x32, types.intp, types.intp), codegen
 
 
 @intrinsic
 def abs_i8(typingctx, v):
     def codegen(context, builder, sig, args):
-        return builder.call(_fn(builder, "llvm.abs.v32i8", _v32i8, [_v32i8, ir.IntType(1)]),
-                            [args[0], ir.Constant(ir.IntType(1), 0)])
+        return _abs8(builder, args[0])
     return I8x32(I8x32), codegen
 
 
@@ -567,9 +576,7 @@ def abs_i8(typingctx, v):
 def dot_ss_abs(typingctx, absw, w, xaddr):
     """dot_ss with |w| given (shared by the columns of a tile): |w| . sign(x, w) -> 8 x i32."""
     def codegen(context, builder, sig, args):
-        x = _load(builder, args[2], _v32i8)
-        sx = builder.call(_fn(builder, "llvm.x86.avx2.psign.b", _v32i8, [_v32i8, _v32i8]), [x, args[1]])
-        return _maddwd(builder, _maddubs(builder, args[0], sx), ir.Constant(_v16i16, [1] * 16))
+        return _sign_dot(builder, args[0], args[1], _load(builder, args[2], _v32i8))
     return I32x8(I8x32, I8x32, types.intp), codegen
 
 
