@@ -362,7 +362,7 @@ class Engine:
         nxt = layer + 1 < c.n_layer
         return MoEWeights(layer, r, r_raw, tuple(t.ggml_type for t in ex.layers[layer].tensors), self.experts,
                           c.n_expert_used, norm=norm(layer), next_router=router(layer + 1)[0] if nxt else None,
-                          next_norm=norm(layer + 1) if nxt else None, predict=ex.predict)
+                          next_norm=norm(layer + 1) if nxt else None, predict=ex.predict, eps=c.norm_eps)
 
     async def close(self) -> None:
         """Stop the pump, wait for the compute thread, release arena, reader and fds. Idempotent."""

@@ -32,7 +32,7 @@ from flexio_kernels import dequantize_rows, matmul
 from flexio_kernels import ops
 
 from .gguf import ModelConfig, TensorInfo
-from .moe import MoEWeights, moe_ffn, predict
+from .moe import MoEWeights, moe_ffn, predict_first
 
 F32, F16 = int(GGMLQuantizationType.F32), int(GGMLQuantizationType.F16)
 KEEP_SCRATCH_ROWS = 64  # scratch buffers of batches up to this many rows are kept between passes
@@ -355,14 +355,14 @@ class Model:
         c = self.cfg
         s = self.scratch(x.shape[0])
         if w.moe is not None:  # start reading the experts this layer and the next will probably want
-            predict(w.moe, x, c.norm_eps)
+            predict_first(w.moe, x)
         ops.rmsnorm(x, w.attn_norm, c.norm_eps, s.h)
         self._attention(i, w, s, segments)  # s.h -> s.o
         if w.post_attn_norm is not None:
             ops.rmsnorm(s.o, w.post_attn_norm, c.norm_eps, s.o)
         ops.add_inplace(x, s.o)
         ops.rmsnorm(x, w.ffn_norm, c.norm_eps, s.h)
-        self._ffn(i, w, s.h, s.o, segments)
+        self._ffn(i, w, s.h, s.o, segments, x)
         if w.post_ffn_norm is not None:
             ops.rmsnorm(s.o, w.post_ffn_norm, c.norm_eps, s.o)
         ops.add_inplace(x, s.o)
@@ -407,7 +407,8 @@ class Model:
         if w.bo is not None:
             ops.add_bias(s.o, w.bo)
 
-    def _ffn(self, i: int, w: LayerWeights, h: np.ndarray, out: np.ndarray, segments: list[Segment]) -> None:
+    def _ffn(self, i: int, w: LayerWeights, h: np.ndarray, out: np.ndarray, segments: list[Segment],
+             x: np.ndarray | None = None) -> None:
         """The FFN of block i: h (n, d), the normalised input -> out (n, d), before any post-norm and the
         residual add. The one place an FFN variant is chosen: a mixture of experts (flexio/moe.py) when
         the block has one, else `_dense_ffn`."""
@@ -420,7 +421,7 @@ class Model:
         for seg in segments:
             if seg.n == 1 or i == self.cfg.n_layer - 1:
                 single[seg.row0 : seg.row0 + seg.n] = True
-        moe_ffn(w.moe, h, single, out)
+        moe_ffn(w.moe, h, single, out, x)
 
     def _dense_ffn(self, w: LayerWeights, h: np.ndarray, out: np.ndarray) -> None:
         """out = W_down . act(W_gate . h) * (W_up . h), act = SiLU (SwiGLU) or GELU-tanh (GeGLU), as

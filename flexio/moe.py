@@ -10,8 +10,10 @@ each output element is a single dot product, so the order changes nothing. The e
 memory at a time go through the kernels together (matmul_many: one threaded call for all of
 their gate, up or down matrices), not one call per expert.
 
-Prediction (pre-gating): before layer i runs, layer i + 1's router applied to layer i's input
-tells which experts the next layer will probably want; the source starts reading them early.
+Prediction (pre-gating): once layer i has asked for its experts, layer i + 1's router applied to
+layer i's state after attention tells which experts the next layer will probably want; the source
+starts reading them early (behind layer i's own reads), and skips the guess for a layer that has
+found its experts cached lately (ExpertSource.wants_prediction).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from flexio_kernels.moe import route, router_logits_one, weighted_sum
 from .plan import ExpertPlan
 
 F32 = 0
+PREDICT_ROWS_ONE = 8  # a prediction for up to this many rows (decode) takes the one-row router kernel row by row
 
 
 class ExpertSource(Protocol):
@@ -39,6 +42,7 @@ class ExpertSource(Protocol):
     def ready(self, layer: int) -> list[tuple[int, list[np.ndarray]]]: ...
     def done(self, layer: int, e: int) -> None: ...
     def finish(self, layer: int) -> None: ...
+    def wants_prediction(self, layer: int) -> bool: ...
     def predict(self, layer: int, ids: Sequence[int]) -> None: ...
 
 
@@ -72,6 +76,9 @@ class ResidentExperts:
     def finish(self, layer: int) -> None:
         self.out.pop(layer, None)
 
+    def wants_prediction(self, layer: int) -> bool:
+        return False
+
     def predict(self, layer: int, ids: Sequence[int]) -> None:
         pass
 
@@ -90,6 +97,7 @@ class MoEWeights:
     next_router: np.ndarray | None = None  # (n_expert, d) f32: layer + 1's router
     next_norm: np.ndarray | None = None  # (d,): layer + 1's ffn_norm
     predict: bool = True
+    eps: float = 1e-6  # the norms' epsilon (the prediction normalises with the next layer's ffn_norm)
 
     @property
     def has_gate(self) -> bool:
@@ -108,28 +116,40 @@ def router_logits(mw: MoEWeights, h: np.ndarray, single: np.ndarray) -> np.ndarr
     return logits
 
 
-def predict(mw: MoEWeights, x: np.ndarray, eps: float) -> None:
-    """Before layer i runs: start reading the experts layer i + 1 will probably want, by applying its router to
-    layer i's input x (n, d) (and, before the first layer, layer 0's own). A hint: its rounding does not matter."""
-    if not mw.predict:
+def predict_first(mw: MoEWeights, x: np.ndarray) -> None:
+    """Before the first MoE layer runs: start reading the experts it will probably want, by applying its router to
+    its input x (n, d). A hint: its rounding does not matter."""
+    if mw.predict and mw.layer == 0:
+        _predict(mw, 0, mw.router, mw.norm, x)
+
+
+def predict_next(mw: MoEWeights, x: np.ndarray) -> None:
+    """Once layer i's own reads are queued: start reading the experts layer i + 1 will probably want, by applying
+    its router to x (n, d), layer i's state after its attention (the input of its FFN before the norm). That state
+    is closer to layer i + 1's than layer i's input is (Qwen3-30B-A3B, random weights: 77 % of the next layer's
+    experts guessed against 68 %), and guesses queued behind the layer's own misses do not delay them."""
+    if mw.predict and mw.next_router is not None:
+        _predict(mw, mw.layer + 1, mw.next_router, mw.next_norm, x)
+
+
+def _predict(mw: MoEWeights, layer: int, router: np.ndarray, norm: np.ndarray, x: np.ndarray) -> None:
+    if not mw.experts.wants_prediction(layer):  # it found its experts cached lately: nothing to read early
         return
-    if mw.layer == 0:
-        _predict(mw, 0, mw.router, mw.norm, x, eps)
-    if mw.next_router is not None:
-        _predict(mw, mw.layer + 1, mw.next_router, mw.next_norm, x, eps)
-
-
-def _predict(mw: MoEWeights, layer: int, router: np.ndarray, norm: np.ndarray, x: np.ndarray, eps: float) -> None:
     h = np.empty_like(x)
-    ops.rmsnorm(x, norm, eps, h)
+    ops.rmsnorm(x, norm, mw.eps, h)
     logits = np.empty((x.shape[0], router.shape[0]), np.float32)
-    matmul(router.view(np.uint8), F32, h, logits, 0)  # the kernels' own threads (numpy's BLAS has another pool)
+    if x.shape[0] <= PREDICT_ROWS_ONE:
+        for r in range(x.shape[0]):
+            router_logits_one(router, h[r], logits[r])
+    else:  # the kernels' own threads (numpy's BLAS has another pool)
+        matmul(router.view(np.uint8), F32, h, logits, 0)
     best = np.argsort(-logits, axis=1, kind="stable")[:, : mw.n_used]  # each row's k likeliest, best first
     mw.experts.predict(layer, list(dict.fromkeys(best.T.reshape(-1).tolist())))  # rank by rank over the rows
 
 
-def moe_ffn(mw: MoEWeights, h: np.ndarray, single: np.ndarray, out: np.ndarray) -> None:
-    """out (n, d) = the MoE FFN of h (n, d) (the normalised FFN input), every row with its own experts."""
+def moe_ffn(mw: MoEWeights, h: np.ndarray, single: np.ndarray, out: np.ndarray, x: np.ndarray | None = None) -> None:
+    """out (n, d) = the MoE FFN of h (n, d) (the normalised FFN input), every row with its own experts.
+    x (n, d): the FFN's input before the norm, to guess the next layer's experts from (None: no guess)."""
     n, d = h.shape
     k = mw.n_used
     logits = router_logits(mw, h, single)
@@ -143,6 +163,8 @@ def moe_ffn(mw: MoEWeights, h: np.ndarray, single: np.ndarray, out: np.ndarray) 
     ys = np.empty((n, k, d), np.float32)
     src = mw.experts
     src.want(mw.layer, list(users))
+    if x is not None:
+        predict_next(mw, x)
     try:
         left = len(users)
         while left:

@@ -238,3 +238,39 @@ def test_expert_ranges_and_spans():
     assert L.ranges(3) == [(100 + 3 * 16 * 288, 16 * 288)]
     assert L.span_bytes(3) == aligned_span(100 + 3 * 16 * 288, 16 * 288)[1]
     assert L.expert_bytes == 16 * 288
+
+
+def test_a_read_reuses_the_oldest_spare_slot(model):
+    cache, reader, arena, data = make(model, cached=0, pool=3)
+
+    def script(c):
+        for e in (1, 2, 3):
+            use(c, 0, [e])  # each a miss that no layer keeps: its slot stays readable until a read needs it
+        use(c, 0, [4])  # no free slot: the oldest spare one (expert 1's) is taken
+        held = sorted(e for (layer, e) in c.index)
+        use(c, 0, [2])  # still in its slot: a hit
+        return held
+
+    assert run_layers(cache, script) == [2, 3, 4]
+    st = cache.statistics()
+    assert (st.hits, st.misses) == (1, 4)
+    cache.close(), reader.close(), arena.close()
+
+
+def test_a_layer_that_finds_its_experts_cached_is_not_predicted_until_it_misses(model):
+    cache, reader, arena, data = make(model, cached=2, pool=4)
+
+    def script(c):
+        asked = [c.wants_prediction(0)]  # nothing cached yet
+        for _ in range(8):
+            use(c, 0, [1, 6])  # cached after the first pass
+            asked.append(c.wants_prediction(0))
+        use(c, 0, [1, 3])  # a miss
+        asked.append(c.wants_prediction(0))
+        return asked
+
+    asked = run_layers(cache, script)
+    assert asked[:3] == [True, True, True] and asked[7:9] == [False, False], asked
+    assert asked[-1] is True
+    assert not cache.wants_prediction(LAYERS)  # not a layer of this model
+    cache.close(), reader.close(), arena.close()
