@@ -28,15 +28,25 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 from gguf import GGMLQuantizationType
 
 from .errors import GGUFError, UnsupportedError
 
-if TYPE_CHECKING:
-    from .gguf import TensorInfo
+
+
+class TensorInfo(Protocol):
+    """What this module reads of a file's tensor (flexio.gguf.TensorInfo is one): it checks names and shapes
+    before anything else trusts them, and knows nothing of how a file is parsed."""
+
+    shape: tuple[int, ...]
+    ggml_type: int
+    nbytes: int
+
+    @property
+    def type_name(self) -> str: ...
 
 LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)$")  # blk.<layer>.<role>
 _VECTOR_TYPES = (int(GGMLQuantizationType.F32), int(GGMLQuantizationType.F16))
