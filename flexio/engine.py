@@ -350,18 +350,17 @@ class Engine:
             return None
         c, st = self.config, self.stream
 
-        def router(i: int) -> tuple[np.ndarray, np.ndarray]:
+        def router(i: int) -> np.ndarray:
             raw = st.vector(f"blk.{i}.ffn_gate_inp.weight")  # F32 (n_expert, n_embd), checked at open
-            return raw.view(np.float32).reshape(c.n_expert, c.n_embd), raw.reshape(c.n_expert, 4 * c.n_embd)
+            return raw.view(np.float32).reshape(c.n_expert, c.n_embd)
 
         def norm(i: int) -> np.ndarray:
             t = self.gguf.by_name[f"blk.{i}.ffn_norm.weight"]
             return vector(t, st.vector(t.name))
 
-        r, r_raw = router(layer)
         nxt = layer + 1 < c.n_layer
-        return MoEWeights(layer, r, r_raw, tuple(t.ggml_type for t in ex.layers[layer].tensors), self.experts,
-                          c.n_expert_used, norm=norm(layer), next_router=router(layer + 1)[0] if nxt else None,
+        return MoEWeights(layer, router(layer), tuple(t.ggml_type for t in ex.layers[layer].tensors), self.experts,
+                          c.n_expert_used, norm=norm(layer), next_router=router(layer + 1) if nxt else None,
                           next_norm=norm(layer + 1) if nxt else None, predict=ex.predict, eps=c.norm_eps)
 
     async def close(self) -> None:

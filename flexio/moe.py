@@ -89,7 +89,6 @@ class MoEWeights:
 
     layer: int
     router: np.ndarray  # (n_expert, d) f32
-    router_raw: np.ndarray  # the same bytes as uint8 (n_expert, 4 d), for the matmul kernel
     types: tuple[int, ...]  # ggml types of the expert tensors: (gate, up, down) or (up, down)
     experts: ExpertSource
     n_used: int
@@ -104,15 +103,16 @@ class MoEWeights:
         return len(self.types) == 3
 
 
-def router_logits(mw: MoEWeights, h: np.ndarray, single: np.ndarray) -> np.ndarray:
-    """h (n, d) -> logits (n, n_expert). Rows of one-token sequences (`single`, bool (n,)) take ggml_vec_dot_f32's
-    order, the others the F32 matmul's (tinyBLAS), as llama.cpp computes a token alone vs a batch."""
+def router_logits(router: np.ndarray, h: np.ndarray, single: np.ndarray) -> np.ndarray:
+    """router (n_expert, d) f32, h (n, d) -> logits (n, n_expert). Rows of one-token sequences (`single`, bool (n,))
+    take ggml_vec_dot_f32's order, the others the F32 matmul's (tinyBLAS), as llama.cpp computes a token alone vs a
+    batch (the matmul takes the kernels' own threads: numpy's BLAS has another pool)."""
     n = h.shape[0]
-    logits = np.empty((n, mw.router.shape[0]), np.float32)
+    logits = np.empty((n, router.shape[0]), np.float32)
     if not single.all():
-        matmul(mw.router_raw, F32, h, logits, 0)
+        matmul(router.view(np.uint8), F32, h, logits, 0)
     for r in np.flatnonzero(single):
-        router_logits_one(mw.router, h[r], logits[r])
+        router_logits_one(router, h[r], logits[r])
     return logits
 
 
@@ -137,12 +137,7 @@ def _predict(mw: MoEWeights, layer: int, router: np.ndarray, norm: np.ndarray, x
         return
     h = np.empty_like(x)
     ops.rmsnorm(x, norm, mw.eps, h)
-    logits = np.empty((x.shape[0], router.shape[0]), np.float32)
-    if x.shape[0] <= PREDICT_ROWS_ONE:
-        for r in range(x.shape[0]):
-            router_logits_one(router, h[r], logits[r])
-    else:  # the kernels' own threads (numpy's BLAS has another pool)
-        matmul(router.view(np.uint8), F32, h, logits, 0)
+    logits = router_logits(router, h, np.full(x.shape[0], x.shape[0] <= PREDICT_ROWS_ONE))
     best = np.argsort(-logits, axis=1, kind="stable")[:, : mw.n_used]  # each row's k likeliest, best first
     mw.experts.predict(layer, list(dict.fromkeys(best.T.reshape(-1).tolist())))  # rank by rank over the rows
 
@@ -152,7 +147,7 @@ def moe_ffn(mw: MoEWeights, h: np.ndarray, single: np.ndarray, out: np.ndarray, 
     x (n, d): the FFN's input before the norm, to guess the next layer's experts from (None: no guess)."""
     n, d = h.shape
     k = mw.n_used
-    logits = router_logits(mw, h, single)
+    logits = router_logits(mw.router, h, single)
     sel = np.empty((n, k), np.int64)
     weights = np.empty((n, k), np.float32)
     route(logits, k, sel, weights)

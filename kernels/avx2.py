@@ -36,9 +36,8 @@ from .layouts import QK, QK_K
 from .portable import (
     Q4_0_BB, Q4_0_D, Q4_0_QS, Q4_1_BB, Q4_1_D, Q4_1_M, Q4_1_QS, Q4_K_BB, Q4_K_D, Q4_K_DMIN, Q4_K_QS, Q4_K_SC,
     Q5_0_BB, Q5_0_D, Q5_0_QH, Q5_0_QS, Q5_K_BB, Q5_K_D, Q5_K_DMIN, Q5_K_QH, Q5_K_QS, Q5_K_SC, Q6_K_BB, Q6_K_D,
-    Q6_K_QH, Q6_K_QL, Q6_K_SC, Q8_0_BB, Q8_0_D, Q8_0_QS, ROW_CHUNK, check, quantize_x,
+    Q6_K_QH, Q6_K_QL, Q6_K_SC, Q8_0_BB, Q8_0_D, Q8_0_QS, MANY_PARTS, ROW_CHUNK, check, many_job, prepare_x,
 )
-from .actq import f16round_inplace
 from .simd import (
     add_i32x8, and_i8, bits32_to_bytes, dot_ss, dot_us, dot_us_k, dot_us_off, fma32, fma_f, fma_i, fma_iv,
     hsum_f32x8, hsum_i32x8, hsum_lo4, k4_mins, k4_scales, k_dup, dot_us_k2, q6_off, sub_i32x8, ld_f16, ld_f16x8, ld_f32, ld_f32x8, ld_i8x32,
@@ -761,11 +760,8 @@ def x_extra(t, xd, xs):
 @njit(nogil=True, cache=True)
 def matmul_serial(w, t, x, out, col0, tab):
     check(w, t, x, out, col0)
-    xq, xd, xbs, xs = quantize_x(t, x)
+    x, xq, xd, xbs, xs = prepare_x(t, x)
     xe = x_extra(t, xd, xs)
-    if t == 1:  # llama.cpp rounds x to f16 for F16 weights
-        x = x.copy()
-        f16round_inplace(x)
     gx, go, gd, ge = x_groups(t, xq, xd, xe)
     ks = x_sums16(t, xbs, x.shape[0])
     rows(t, w, x, xq, xd, xbs, xe, gx, go, gd, ge, ks, out, col0, 0, w.shape[0], tab)
@@ -774,11 +770,8 @@ def matmul_serial(w, t, x, out, col0, tab):
 @njit(nogil=True, cache=True, parallel=True)
 def matmul_parallel(w, t, x, out, col0, tab):
     check(w, t, x, out, col0)
-    xq, xd, xbs, xs = quantize_x(t, x)
+    x, xq, xd, xbs, xs = prepare_x(t, x)
     xe = x_extra(t, xd, xs)
-    if t == 1:  # llama.cpp rounds x to f16 for F16 weights
-        x = x.copy()
-        f16round_inplace(x)
     gx, go, gd, ge = x_groups(t, xq, xd, xe)
     ks = x_sums16(t, xbs, x.shape[0])
     nrows = w.shape[0]
@@ -788,30 +781,18 @@ def matmul_parallel(w, t, x, out, col0, tab):
         rows(t, w, x, xq, xd, xbs, xe, gx, go, gd, ge, ks, out, col0, c * ROW_CHUNK, min(nrows, (c + 1) * ROW_CHUNK), tab)
 
 
-# Parts of a matrix per job in matmul_many: each job gathers its rows of x once (x_groups,
-# x_sums16), so a matrix is cut in a few parts, enough to keep both threads busy with 1 matrix.
-MANY_PARTS = 4
-
-
 @njit(nogil=True, cache=True, parallel=True)
 def matmul_many(addrs, nrows, rb, t, x, spans, out, tab):
     """Several weight matrices of one shape (nrows, rb bytes) of type t, at the addresses addrs:
     matrix e times rows spans[e]:spans[e+1] of x -> the same rows of out[:, :nrows].  One threaded
     loop over (matrix, part): a mixture of experts' layer in one call instead of one per expert.
     Every output is the one `rows` gives alone."""
-    xq, xd, xbs, xs = quantize_x(t, x)
+    x, xq, xd, xbs, xs = prepare_x(t, x)
     xe = x_extra(t, xd, xs)
-    if t == 1:  # llama.cpp rounds x to f16 for F16 weights
-        x = x.copy()
-        f16round_inplace(x)
-    part = (nrows + MANY_PARTS - 1) // MANY_PARTS
     for job in prange(addrs.shape[0] * MANY_PARTS):
-        e = job // MANY_PARTS
-        r0 = (job - e * MANY_PARTS) * part
-        a, b = spans[e], spans[e + 1]
-        if a < b and r0 < nrows:
+        e, a, b, r0, r1 = many_job(job, nrows, spans)
+        if a < b and r0 < r1:
             w = carray(u8_ptr(addrs[e]), (nrows, rb))
             gx, go, gd, ge = x_groups(t, xq[a:b], xd[a:b], xe[a:b])
             ks = x_sums16(t, xbs[a:b], b - a)
-            rows(t, w, x[a:b], xq[a:b], xd[a:b], xbs[a:b], xe[a:b], gx, go, gd, ge, ks, out[a:b], 0, r0,
-                 min(nrows, r0 + part), tab)
+            rows(t, w, x[a:b], xq[a:b], xd[a:b], xbs[a:b], xe[a:b], gx, go, gd, ge, ks, out[a:b], 0, r0, r1, tab)

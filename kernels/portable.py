@@ -328,22 +328,27 @@ def rows(t, w, x, xq, xd, xbs, xs, out, col0, r0, r1, tab):
 
 
 @njit(nogil=True, cache=True)
-def matmul_serial(w, t, x, out, col0, tab):
-    check(w, t, x, out, col0)
+def prepare_x(t, x):
+    """x (n, k) f32 -> x as the rows read it (llama.cpp rounds x to f16 for F16 weights: a rounded copy) and
+    quantize_x's (xq, xd, xbs, xs), from x as it came."""
     xq, xd, xbs, xs = quantize_x(t, x)
-    if t == 1:  # llama.cpp rounds x to f16 for F16 weights
+    if t == 1:
         x = x.copy()
         f16round_inplace(x)
+    return x, xq, xd, xbs, xs
+
+
+@njit(nogil=True, cache=True)
+def matmul_serial(w, t, x, out, col0, tab):
+    check(w, t, x, out, col0)
+    x, xq, xd, xbs, xs = prepare_x(t, x)
     rows(t, w, x, xq, xd, xbs, xs, out, col0, 0, w.shape[0], tab)
 
 
 @njit(nogil=True, cache=True, parallel=True)
 def matmul_parallel(w, t, x, out, col0, tab):
     check(w, t, x, out, col0)
-    xq, xd, xbs, xs = quantize_x(t, x)
-    if t == 1:  # llama.cpp rounds x to f16 for F16 weights
-        x = x.copy()
-        f16round_inplace(x)
+    x, xq, xd, xbs, xs = prepare_x(t, x)
     nrows = w.shape[0]
     # numba's static schedule gives each thread one contiguous run of chunks (a sequential
     # stream for the prefetcher); get_num_threads() here would defeat cache=True
@@ -351,22 +356,27 @@ def matmul_parallel(w, t, x, out, col0, tab):
         rows(t, w, x, xq, xd, xbs, xs, out, col0, c * ROW_CHUNK, min(nrows, (c + 1) * ROW_CHUNK), tab)
 
 
-MANY_PARTS = 4  # parts of a matrix per job in matmul_many
+# Parts of a matrix per job in matmul_many: each job gathers its rows of x once (the avx2 backend's x_groups,
+# x_sums16), so a matrix is cut in a few parts, enough to keep both threads busy with 1 matrix.
+MANY_PARTS = 4
+
+
+@njit(nogil=True, cache=True, inline="always")
+def many_job(job, nrows, spans):
+    """matmul_many's job -> (matrix e, its rows a:b of x, its weight rows r0:r1); nothing to do unless a < b, r0 < r1."""
+    part = (nrows + MANY_PARTS - 1) // MANY_PARTS
+    e = job // MANY_PARTS
+    r0 = min(nrows, (job - e * MANY_PARTS) * part)
+    return e, spans[e], spans[e + 1], r0, min(nrows, r0 + part)
 
 
 @njit(nogil=True, cache=True, parallel=True)
 def matmul_many(addrs, nrows, rb, t, x, spans, out, tab):
     """Several weight matrices of one shape (nrows, rb bytes) of type t, at the addresses addrs:
     matrix e times rows spans[e]:spans[e+1] of x -> the same rows of out[:, :nrows] (avx2.matmul_many)."""
-    xq, xd, xbs, xs = quantize_x(t, x)
-    if t == 1:  # llama.cpp rounds x to f16 for F16 weights
-        x = x.copy()
-        f16round_inplace(x)
-    part = (nrows + MANY_PARTS - 1) // MANY_PARTS
+    x, xq, xd, xbs, xs = prepare_x(t, x)
     for job in prange(addrs.shape[0] * MANY_PARTS):
-        e = job // MANY_PARTS
-        r0 = (job - e * MANY_PARTS) * part
-        a, b = spans[e], spans[e + 1]
-        if a < b and r0 < nrows:
+        e, a, b, r0, r1 = many_job(job, nrows, spans)
+        if a < b and r0 < r1:
             w = carray(u8_ptr(addrs[e]), (nrows, rb))
-            rows(t, w, x[a:b], xq[a:b], xd[a:b], xbs[a:b], xs[a:b], out[a:b], 0, r0, min(nrows, r0 + part), tab)
+            rows(t, w, x[a:b], xq[a:b], xd[a:b], xbs[a:b], xs[a:b], out[a:b], 0, r0, r1, tab)
